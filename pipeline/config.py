@@ -1,0 +1,109 @@
+"""Run configuration: pydantic models, YAML presets in pipeline/configs/, key=value overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourcesConfig(Strict):
+    extensions: list[str] = [".mp4", ".mkv", ".webm", ".mov", ".m4v", ".avi", ".m4a"]
+    recursive: bool = True
+
+
+class ProbeConfig(Strict):
+    max_seconds: float = 4 * 3600.0  # longer inputs are rejected as too_long
+    require_audio: bool = True
+
+
+class SegmentConfig(Strict):
+    adaptive_threshold: float = 3.0
+    min_content_val: float = 15.0
+    min_shot_seconds: float = 0.5
+    # A clip may start up to this much later than the previous clip's end so that it begins on a cut.
+    snap_seconds: float = 2.0
+    max_clips_per_video: int | None = None
+    decoder: Literal["decord", "pyav"] = "decord"  # pyav is always the fallback
+
+
+class MusicDSPConfig(Strict):
+    silence_dbfs: float = -60.0  # frames quieter than this count as silent
+    max_silence_ratio: float = 0.5  # clips more silent than this are rejected
+    chord_min_seconds: float = 0.5
+
+
+class VisualRhythmConfig(Strict):
+    beat_tolerance_seconds: float = 0.5  # VeM's TB-IoU tolerance
+    min_alignment: float | None = None  # reject clips whose cuts align worse than this
+
+
+class PromptConfig(Strict):
+    template: str = "template.v1"
+
+
+class WriterConfig(Strict):
+    samples_per_shard: int = 256
+    max_shard_bytes: int = 1_000_000_000
+    write_audio: bool = True  # original audio as 48 kHz stereo FLAC
+    write_thumbnail: bool = True
+
+
+class RunnerConfig(Strict):
+    engine: Literal["ray", "loop"] = "ray"
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else an embedded local Ray
+    num_cpus: int | None = None  # embedded Ray only
+    video_workers: int | None = None  # concurrent decode+segment tasks; None lets Ray decide
+    progress_bars: bool = True
+
+
+class Config(Strict):
+    clip_seconds: float = 10.0
+    frame_fps: float = 4.0  # frames kept per second for CLIP embeddings and thumbnails
+    frame_size: int = 224  # frames kept as frame_size x frame_size centre crops
+    sources: SourcesConfig = SourcesConfig()
+    probe: ProbeConfig = ProbeConfig()
+    segment: SegmentConfig = SegmentConfig()
+    music_dsp: MusicDSPConfig = MusicDSPConfig()
+    visual_rhythm: VisualRhythmConfig = VisualRhythmConfig()
+    prompts: PromptConfig = PromptConfig()
+    writer: WriterConfig = WriterConfig()
+    runner: RunnerConfig = RunnerConfig()
+    stages: list[str] = Field(
+        default_factory=lambda: ["probe", "segment", "music_dsp", "visual_rhythm", "template_prompts", "writer"]
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not key=value (e.g. writer.samples_per_shard=64)")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"cannot set {'.'.join(path)}: {part} is not a section")
+    tree[path[-1]] = value
+
+
+def load_config(file: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Preset (a path, or a name in pipeline/configs/) merged with key=value overrides."""
+    data: dict = {}
+    if file:
+        path = Path(file)
+        if not path.exists() and (CONFIG_DIR / f"{file}.yaml").exists():
+            path = CONFIG_DIR / f"{file}.yaml"
+        data = yaml.safe_load(path.read_text()) or {}
+    for text in overrides:
+        _set(data, *parse_override(text))
+    return Config.model_validate(data)

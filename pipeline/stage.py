@@ -1,0 +1,102 @@
+"""The stage contract: every pipeline step is a small class with declared resources,
+a `setup()` that loads heavy state once per worker, and one batch method.
+
+Rows are plain dicts. Every row carries:
+  key       str  — `<source_id>` for sources, `<source_id>_<start_ms>` for clips
+  meta      dict — everything JSON-able accumulated so far (source, probe, window, attributes...)
+and any number of numpy arrays (frames, audio) that a later stage consumes and drops.
+
+A stage never raises for one bad item: it yields a `Reject` for it instead, and the runner
+routes rejects to the ledger (rejects table + counters) while accepted rows flow on.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs. `pool_size=None` runs the stage as stateless tasks;
+    an int runs an actor pool of up to that many actors (for stages with loaded state)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    pool_size: int | None = None
+    batch_size: int = 8
+
+
+@dataclass
+class Reject:
+    """One input or clip that leaves the pipeline, with a machine-readable reason."""
+
+    stage: str
+    reason: str  # short snake_case code, e.g. "no_audio_stream"
+    detail: str  # human sentence with the specifics
+    source_id: str = ""
+    source_path: str = ""
+    key: str = ""  # clip key for clip-level rejects, source key otherwise
+    level: str = "source"  # "source" or "clip"
+    clip_index: int = -1
+    is_last_clip: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def for_row(cls, stage: str, row: Row, reason: str, detail: str) -> "Reject":
+        """A reject for a row already flowing through the pipeline (source or clip)."""
+        meta = row.get("meta", {})
+        clip = meta.get("clip")
+        return cls(
+            stage=stage,
+            reason=reason,
+            detail=detail[:500],
+            source_id=meta.get("source", {}).get("source_id", ""),
+            source_path=meta.get("source", {}).get("path", ""),
+            key=row.get("key", ""),
+            level="clip" if clip else "source",
+            clip_index=clip["index"] if clip else -1,
+            is_last_clip=bool(clip and clip.get("is_last")),
+        )
+
+
+class Stage:
+    """Base class. Subclasses set `name`, `resources`, and implement `process`."""
+
+    name: ClassVar[str] = "stage"
+    resources: Resources = Resources()
+    # Array fields this stage is the last consumer of: dropped from rows after it runs.
+    drops: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any, context: "RunContext | None" = None):
+        self.config = config
+        self.context = context
+
+    def setup(self) -> None:
+        """Load models or other heavy state. Called once per worker before any batch."""
+
+    def process(self, rows: list[Row]) -> Iterable[Row | Reject]:
+        """Yield one output row per accepted item (or several, for 1->N stages) and a
+        `Reject` per item that cannot go on."""
+        raise NotImplementedError
+
+    def run(self, rows: list[Row]) -> Iterator[Row | Reject]:
+        """`process` plus dropping the arrays nobody downstream needs."""
+        for item in self.process(rows):
+            if isinstance(item, dict):
+                for name in self.drops:
+                    item.pop(name, None)
+            yield item
+
+
+@dataclass
+class RunContext:
+    """What a stage may need to know about the run beyond its own config."""
+
+    output_dir: str
+    run_id: str
+    ledger: Any = None  # a LedgerClient; see pipeline/ledger.py
+    done_keys: frozenset[str] = field(default_factory=frozenset)  # clips finished by earlier runs
