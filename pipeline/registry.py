@@ -1,0 +1,33 @@
+"""The pipeline is a plain list of stages, built here from the config."""
+from __future__ import annotations
+
+import importlib
+
+from pipeline.config import Config
+from pipeline.stage import RunContext, Stage
+
+# name -> "module:Class". Heavy imports happen only when a stage is built.
+STAGES = {
+    "probe": "stages.probe:Probe",
+    "segment": "stages.segment:Segment",
+    "music_dsp": "stages.music_dsp:MusicDSP",
+    "visual_rhythm": "stages.visual_rhythm:VisualRhythm",
+    "template_prompts": "stages.template_prompts:TemplatePrompts",
+    "writer": "shards.writer:Writer",
+}
+# Stages every run needs at these ends; the middle is the user's to choose.
+FIRST, SECOND, LAST = "probe", "segment", "writer"
+
+
+def stage_class(name: str) -> type[Stage]:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_pipeline(config: Config, context: RunContext | None = None) -> list[Stage]:
+    names = list(config.stages)
+    if names[:2] != [FIRST, SECOND] or names[-1] != LAST:
+        raise ValueError(f"stages must start with {FIRST}, {SECOND} and end with {LAST}; got {names}")
+    return [stage_class(name)(config, context) for name in names]

@@ -1,0 +1,55 @@
+"""The end-of-run accounting: counts that must reconcile, rejects by reason, time per stage."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def reconcile(snapshot: dict[str, Any], todo: int, written: int) -> dict[str, Any]:
+    """This run's counts, derived from the ledger, with the two invariants checked."""
+    stages = snapshot["stages"]
+    reasons = snapshot["reasons"]
+    source_rejects = sum(r["count"] for r in reasons if r["level"] == "source")
+    clip_rejects = sum(r["count"] for r in reasons if r["level"] == "clip")
+    segment = stages.get("segment", {})
+    seg_source_rejects = sum(r["count"] for r in reasons if r["level"] == "source" and r["stage"] == "segment")
+    accepted = int(segment.get("rows_in", 0)) - seg_source_rejects
+    clips = int(segment.get("rows_out", 0))
+    return {
+        "inputs_to_process": todo,
+        "accepted_sources": accepted,
+        "rejected_sources": source_rejects,
+        "clips": clips,
+        "clips_written": written,
+        "clips_rejected": clip_rejects,
+        "sources_reconcile": todo == accepted + source_rejects,
+        "clips_reconcile": clips == written + clip_rejects,
+    }
+
+
+def format_summary(record: dict[str, Any]) -> str:
+    c, totals = record["counts"], record["output_totals"]
+    lines = [
+        "",
+        f"== run {record['run_id']} ({record['engine']}) finished in {record['wall_seconds']:.1f} s",
+        f"inputs listed         {record['inputs_listed']:>8}   (already finished: {record['inputs_skipped']})",
+        f"accepted sources      {c['accepted_sources']:>8}",
+        f"rejected sources      {c['rejected_sources']:>8}",
+        f"clips                 {c['clips']:>8}   written {c['clips_written']}, rejected {c['clips_rejected']}",
+        f"shards written        {record['shards_written']:>8}",
+        f"counts reconcile      {'yes' if c['sources_reconcile'] and c['clips_reconcile'] else 'NO':>8}",
+    ]
+    if record["rejects"]:
+        lines.append("rejects by reason:")
+        for r in record["rejects"]:
+            lines.append(f"  {r['level']:<6} {r['stage']:<16} {r['reason']:<20} {r['count']:>6}")
+    lines.append(f"{'stage':<18}{'in':>8}{'out':>8}{'rejected':>10}{'seconds':>10}{'per item':>10}")
+    for name, s in record["stages"].items():
+        per = s["seconds"] / s["rows_in"] if s["rows_in"] else 0.0
+        lines.append(f"{name:<18}{int(s['rows_in']):>8}{int(s['rows_out']):>8}{int(s['rejected']):>10}{s['seconds']:>10.2f}{per:>10.3f}")
+    if record.get("skipped_stages"):
+        for name, why in record["skipped_stages"].items():
+            lines.append(f"skipped stage {name}: {why}")
+    lines.append(
+        f"output now holds {totals['samples']} samples in {totals['shards']} shards, {totals['rejects']} reject rows -> {record['output_dir']}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""The on-disk sample: its JSON member (validated), its array members, and its index row."""
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+
+# Row field -> tar member name. Arrays are stored as .npy (never pickled).
+ARRAY_MEMBERS = {
+    "rhythm": "rhythm.npy",
+    "clip_embeddings": "clip.npy",
+    "latent": "latent.npy",
+    "latent_std": "latent_std.npy",
+}
+
+
+class ClipWindow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    index: int
+    start: float
+    end: float
+    duration: float
+    cut_times: list[float]
+    shots: list[list[float]]
+    decoder: str
+    is_last: bool
+
+
+class SampleMeta(BaseModel):
+    """The `json` member. Sections produced by stages that did not run are absent."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_version: int = SCHEMA_VERSION
+    key: str
+    source: dict[str, Any]
+    probe: dict[str, Any]
+    clip: ClipWindow
+    music: dict[str, Any] | None = None
+    visual: dict[str, Any] | None = None
+    prompts: dict[str, str] | None = None
+    prompt_source: dict[str, Any] | None = None
+    flags: dict[str, Any] = {}
+
+
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("shard", pa.string()),
+    ("schema_version", pa.int32()),
+    ("source_id", pa.string()),
+    ("source_path", pa.string()),
+    ("clip_index", pa.int32()),
+    ("is_last_clip", pa.bool_()),
+    ("start_s", pa.float64()),
+    ("end_s", pa.float64()),
+    ("duration_s", pa.float64()),
+    ("source_duration_s", pa.float64()),
+    ("video_codec", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("fps", pa.float64()),
+    ("audio_channels", pa.int32()),
+    ("audio_sample_rate", pa.int32()),
+    ("decoder", pa.string()),
+    ("cut_count", pa.int32()),
+    ("cuts_per_minute", pa.float64()),
+    ("motion_mean", pa.float64()),
+    ("cut_beat_alignment", pa.float64()),
+    ("tempo_bpm", pa.float64()),
+    ("beat_count", pa.int32()),
+    ("key_name", pa.string()),
+    ("tonic", pa.string()),
+    ("mode", pa.string()),
+    ("key_confidence", pa.float64()),
+    ("chords", pa.string()),
+    ("loudness_dbfs", pa.float64()),
+    ("silence_ratio", pa.float64()),
+    ("prompt", pa.string()),
+    ("prompt_source", pa.string()),
+    ("members", pa.list_(pa.string())),
+    ("flags", pa.list_(pa.string())),
+    ("sample_bytes", pa.int64()),
+])
+
+
+def index_row(meta: dict[str, Any], shard: str, members: list[str], sample_bytes: int) -> dict[str, Any]:
+    """Every scalar a user filters on, so that browsing never opens a tar."""
+    source, probe, clip = meta["source"], meta["probe"], meta["clip"]
+    music, visual = meta.get("music") or {}, meta.get("visual") or {}
+    video, audio = probe.get("video") or {}, probe.get("audio") or {}
+    prompts = meta.get("prompts") or {}
+    chords = [c["label"] for c in music.get("chords", [])]
+    return {
+        "key": meta["key"],
+        "shard": shard,
+        "schema_version": meta.get("schema_version", SCHEMA_VERSION),
+        "source_id": source["source_id"],
+        "source_path": source["path"],
+        "clip_index": clip["index"],
+        "is_last_clip": clip["is_last"],
+        "start_s": clip["start"],
+        "end_s": clip["end"],
+        "duration_s": clip["duration"],
+        "source_duration_s": probe.get("duration"),
+        "video_codec": video.get("codec"),
+        "width": video.get("width"),
+        "height": video.get("height"),
+        "fps": video.get("fps"),
+        "audio_channels": audio.get("channels"),
+        "audio_sample_rate": audio.get("sample_rate"),
+        "decoder": clip.get("decoder"),
+        "cut_count": visual.get("cut_count"),
+        "cuts_per_minute": visual.get("cuts_per_minute"),
+        "motion_mean": visual.get("motion_mean"),
+        "cut_beat_alignment": visual.get("cut_beat_alignment"),
+        "tempo_bpm": music.get("tempo_bpm"),
+        "beat_count": music.get("beat_count"),
+        "key_name": music.get("key"),
+        "tonic": music.get("tonic"),
+        "mode": music.get("mode"),
+        "key_confidence": music.get("key_confidence"),
+        "chords": " ".join(chords),
+        "loudness_dbfs": music.get("loudness_dbfs"),
+        "silence_ratio": music.get("silence_ratio"),
+        # The richest prompt level; the json member holds every level.
+        "prompt": list(prompts.values())[-1] if prompts else None,
+        "prompt_source": (meta.get("prompt_source") or {}).get("composer"),
+        "members": members,
+        "flags": sorted(k for k, v in (meta.get("flags") or {}).items() if v),
+        "sample_bytes": sample_bytes,
+    }

@@ -1,0 +1,131 @@
+"""writer: samples -> WebDataset tar shards + one parquet index file per shard.
+
+A shard is written under a hidden temporary name, fsynced, then renamed; its index file is written
+(the same way) only after the tar is final. So `OUT/shards/*.tar` never holds a partial shard, and
+a key in `OUT/index/` is always readable from its tar."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.stage import Reject, Resources, Row, Stage
+from shards.schema import ARRAY_MEMBERS, INDEX_SCHEMA, SCHEMA_VERSION, SampleMeta, index_row
+
+MTIME = 1_700_000_000  # fixed member times: the same samples give byte-identical tars
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def flac_bytes(audio: np.ndarray, rate: int = 48000) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(audio.T, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def jpg_bytes(rgb: np.ndarray, quality: int = 85) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_sample(row: Row, write_audio: bool, write_thumbnail: bool) -> dict[str, bytes]:
+    meta = SampleMeta.model_validate({**row["meta"], "key": row["key"], "schema_version": SCHEMA_VERSION})
+    members = {"json": json.dumps(meta.model_dump(exclude_none=True), ensure_ascii=False).encode()}
+    for field, member in ARRAY_MEMBERS.items():
+        if field in row:
+            members[member] = npy_bytes(row[field])
+    if write_audio and "audio48" in row:
+        members["flac"] = flac_bytes(row["audio48"])
+    if write_thumbnail and "frames" in row and len(row["frames"]):
+        members["jpg"] = jpg_bytes(row["frames"][len(row["frames"]) // 2])
+    return members
+
+
+def _atomic_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class ShardSink:
+    """Writes one shard at a time under a temporary name; `close()` makes it final."""
+
+    def __init__(self, out_dir: Path, name: str):
+        import webdataset as wds
+
+        self.name = name
+        self.final = out_dir / "shards" / f"{name}.tar"
+        self.tmp = out_dir / "shards" / f".{name}.tar.tmp"
+        self.index_path = out_dir / "index" / f"{name}.parquet"
+        self._file = open(self.tmp, "wb")
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=MTIME)
+        self.rows: list[dict[str, Any]] = []
+        self.bytes = 0
+
+    def add(self, key: str, members: dict[str, bytes], meta: dict) -> None:
+        self._tar.write({"__key__": key, **members})
+        size = sum(len(v) for v in members.values())
+        self.bytes += size
+        self.rows.append(index_row({**meta, "key": key}, self.final.name, sorted(members), size))
+
+    def close(self) -> None:
+        self._tar.close()  # also closes the file
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.final)
+        _atomic_parquet(pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA), self.index_path)
+
+
+class Writer(Stage):
+    name = "writer"
+    resources = Resources(num_cpus=1, batch_size=256)  # batch_size is set to writer.samples_per_shard
+
+    def __init__(self, config, context=None):
+        super().__init__(config, context)
+        self.resources = Resources(num_cpus=1, batch_size=config.writer.samples_per_shard)
+
+    def setup(self) -> None:
+        out = Path(self.context.output_dir)
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        (out / "index").mkdir(parents=True, exist_ok=True)
+
+    def process(self, rows: list[Row]) -> Iterable[Row | Reject]:
+        """One call writes one shard (or more, when max_shard_bytes rolls it early)."""
+        cfg = self.config.writer
+        done = self.context.done_keys
+        sink: ShardSink | None = None
+        written: list[tuple[str, str]] = []
+        for row in rows:
+            if row["key"] in done:
+                continue
+            try:
+                members = encode_sample(row, cfg.write_audio, cfg.write_thumbnail)
+            except Exception as exc:  # e.g. a schema violation: this sample, not the shard, is lost
+                yield Reject.for_row(self.name, row, "encode_failed", f"{type(exc).__name__}: {exc}")
+                continue
+            if sink is None:
+                sink = ShardSink(Path(self.context.output_dir), f"{self.context.ledger.next_shard_index():06d}")
+            sink.add(row["key"], members, row["meta"])
+            written.append((row["key"], sink.name))
+            if sink.bytes >= cfg.max_shard_bytes:
+                sink.close()
+                sink = None
+        if sink is not None:
+            sink.close()
+        for key, shard in written:
+            yield {"key": key, "meta": {"shard": shard}}

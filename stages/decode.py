@@ -1,0 +1,148 @@
+"""decode: one sequential pass over a video's frames (decord, PyAV fallback) and its audio (PyAV,
+48 kHz stereo + 16 kHz mono). The segment stage drives both streams and cuts clips from them."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+FrameChunk = tuple[np.ndarray, np.ndarray]  # (times in s [n], rgb uint8 [n, h, w, 3])
+CHUNK = 32
+
+
+def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """Aspect-preserving size whose short side is `short_side` (even numbers for the scaler)."""
+    scale = short_side / min(width, height)
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def decord_frames(path: str, width: int, height: int) -> Iterator[FrameChunk]:
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+    n = len(reader)
+    if n == 0:
+        raise ValueError("decord found no frames")
+    starts = reader.get_frame_timestamp(np.arange(n))[:, 0]
+    starts = starts - starts[0]  # time 0 is the first frame, as in pyav_frames
+    for i in range(0, n, CHUNK):
+        idx = list(range(i, min(i + CHUNK, n)))
+        yield starts[idx].astype(np.float64), reader.get_batch(idx).asnumpy()
+
+
+def pyav_frames(path: str, width: int, height: int) -> Iterator[FrameChunk]:
+    import av
+
+    with av.open(path, metadata_errors="ignore") as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        times, frames = [], []
+        origin = None
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            t = float(frame.pts * stream.time_base)
+            origin = t if origin is None else origin
+            times.append(t - origin)  # decord's timestamps also start at the first frame
+            frames.append(frame.to_ndarray(width=width, height=height, format="rgb24"))
+            if len(frames) == CHUNK:
+                yield np.asarray(times), np.stack(frames)
+                times, frames = [], []
+        if frames:
+            yield np.asarray(times), np.stack(frames)
+
+
+def video_frames(path: str, width: int, height: int, prefer: str = "decord") -> tuple[Iterator[FrameChunk], str]:
+    """Frames in display order with their times. decord first (unless told otherwise); what it
+    cannot open or decode at the start (AV1, odd containers) goes to PyAV, which decodes anything."""
+    if prefer == "decord":
+        try:
+            stream = decord_frames(path, width, height)
+            first = next(stream)
+
+            def chained() -> Iterator[FrameChunk]:
+                yield first
+                yield from stream
+
+            return chained(), "decord"
+        except Exception:  # decord raises its own DECORDError and plain RuntimeErrors
+            pass
+    return pyav_frames(path, width, height), "pyav"
+
+
+class AudioTrack:
+    """Pulls audio on demand, keeping only what the current clip needs: 48 kHz stereo for the
+    VAE and the FLAC member, 16 kHz mono for analysis and captioning."""
+
+    RATES = {"stereo48": (48000, "stereo"), "mono16": (16000, "mono")}
+
+    def __init__(self, path: str):
+        import av
+
+        self._container = av.open(path, metadata_errors="ignore")
+        self._stream = self._container.streams.audio[0]
+        video = next(iter(self._container.streams.video), None)
+        self._video_origin = float(video.start_time * video.time_base) if video is not None and video.start_time else 0.0
+        self._packets = self._container.decode(self._stream)
+        self._resamplers = {k: av.AudioResampler(format="flt", layout=lay, rate=r) for k, (r, lay) in self.RATES.items()}
+        self._chunks: dict[str, list[np.ndarray]] = {k: [] for k in self.RATES}
+        self._origin = {k: 0.0 for k in self.RATES}  # time of the first buffered sample
+        self._decoded_until = 0.0
+        self._start_time: float | None = None
+        self._done = False
+
+    def _buffered_seconds(self, name: str) -> float:
+        rate, _ = self.RATES[name]
+        return self._origin[name] + sum(c.shape[-1] for c in self._chunks[name]) / rate
+
+    def _pull(self) -> None:
+        try:
+            frame = next(self._packets)
+        except StopIteration:
+            self._done = True
+            for name, resampler in self._resamplers.items():
+                self._append(name, resampler.resample(None))
+            return
+        if self._start_time is None:
+            # Place audio on the video's timeline, whose 0 is the first video frame.
+            self._start_time = float(frame.pts * self._stream.time_base) if frame.pts is not None else 0.0
+            for name in self._origin:
+                self._origin[name] = self._start_time - self._video_origin
+        for name, resampler in self._resamplers.items():
+            self._append(name, resampler.resample(frame))
+
+    def _append(self, name: str, frames) -> None:
+        channels = 2 if name == "stereo48" else 1
+        for out in frames:
+            data = out.to_ndarray().reshape(-1, channels).T  # packed "flt" -> [channels, n]
+            self._chunks[name].append(np.ascontiguousarray(data, dtype=np.float32))
+
+    def read(self, start: float, end: float) -> dict[str, np.ndarray]:
+        """Samples in [start, end) of the video timeline, zero-padded where the track is short."""
+        while not self._done and min(self._buffered_seconds(n) for n in self.RATES) < end:
+            self._pull()
+        out = {}
+        for name, (rate, _) in self.RATES.items():
+            buf = np.concatenate(self._chunks[name], axis=1) if self._chunks[name] else np.zeros((2 if name == "stereo48" else 1, 0), np.float32)
+            self._chunks[name] = [buf]
+            n = int(round((end - start) * rate))
+            offset = int(round((start - self._origin[name]) * rate))
+            clip = np.zeros((buf.shape[0], n), np.float32)
+            lo, hi = max(offset, 0), min(offset + n, buf.shape[1])
+            if hi > lo:
+                clip[:, lo - offset : hi - offset] = buf[:, lo:hi]
+            out[name] = clip
+        return {"audio48": out["stereo48"], "audio16": out["mono16"][0]}
+
+    def discard_before(self, seconds: float) -> None:
+        """Free samples older than `seconds`; later clips never start earlier."""
+        for name, (rate, _) in self.RATES.items():
+            if not self._chunks[name]:
+                continue
+            buf = np.concatenate(self._chunks[name], axis=1)
+            drop = max(0, min(int((seconds - self._origin[name]) * rate), buf.shape[1]))
+            self._chunks[name] = [buf[:, drop:]]
+            self._origin[name] += drop / rate
+
+    def close(self) -> None:
+        self._container.close()

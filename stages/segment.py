@@ -1,0 +1,220 @@
+"""segment: one decoding pass per video feeds PySceneDetect's AdaptiveDetector, the frame-difference
+motion signal and the frame grid, and cuts shot-aware clip windows of `clip_seconds` as it goes,
+so memory stays bounded by one window however long the video is."""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+
+from pipeline.sources import local_copy
+from pipeline.stage import Reject, Resources, Row, Stage
+from stages.decode import AudioTrack, scaled_size, video_frames
+from stages.visual_rhythm import RHYTHM_HZ, frame_motion, resample_max
+
+MOTION_SIZE = (64, 36)  # frames are compared at this size: motion, not detail
+
+
+class ShotDetector:
+    """AdaptiveDetector fed with frames we already decoded; returns cut times in seconds."""
+
+    def __init__(self, fps: float, threshold: float, min_content_val: float, min_shot_seconds: float):
+        from scenedetect import AdaptiveDetector, FrameTimecode
+
+        self._timecode = lambda i: FrameTimecode(i, fps=fps)
+        self._detector = AdaptiveDetector(
+            adaptive_threshold=threshold,
+            min_content_val=min_content_val,
+            min_scene_len=max(1, int(round(min_shot_seconds * fps))),
+        )
+        self._times: list[float] = []
+
+    def feed(self, index: int, seconds: float, rgb: np.ndarray) -> list[float]:
+        self._times.append(seconds)
+        cuts = self._detector.process_frame(self._timecode(index), np.ascontiguousarray(rgb[..., ::-1]))
+        # Cuts come back as frame numbers a few frames late; map them to true (VFR-safe) times.
+        return [self._times[c.frame_num] for c in cuts]
+
+
+@dataclass
+class Window:
+    start: float
+    end: float
+    index: int = 0
+    cuts: list[float] = field(default_factory=list)
+
+
+class ClipCutter:
+    """Buffers the last few seconds of frames and motion and emits clip windows.
+
+    A window is [start, start + L). The next window starts at the first cut within `snap` seconds
+    after the previous end (so clips begin on shot boundaries when one is near), else at the end."""
+
+    def __init__(self, cfg, fps_hint: float):
+        self.length = cfg.clip_seconds
+        self.snap = cfg.segment.snap_seconds
+        self.frame_fps = cfg.frame_fps
+        self.lag = 4.0 / max(fps_hint, 1.0)  # the detector reports cuts a couple of frames late
+        self.times: list[float] = []
+        self.frames: list[np.ndarray] = []
+        self.motion_t: list[float] = []
+        self.motion_v: list[float] = []
+        self.cuts: list[float] = []
+        self.start = 0.0
+        self.index = 0
+
+    def add(self, t: float, crop: np.ndarray, motion: float | None, cuts: list[float]) -> None:
+        self.times.append(t)
+        self.frames.append(crop)
+        if motion is not None:
+            self.motion_t.append(t)
+            self.motion_v.append(motion)
+        self.cuts.extend(cuts)
+
+    def ready(self, now: float) -> bool:
+        return now >= self.start + self.length + self.snap + self.lag
+
+    def take(self) -> dict:
+        """The current window's clip, then advance to the next window."""
+        start, end = self.start, self.start + self.length
+        times = np.asarray(self.times)
+        grid = start + np.arange(int(round(self.length * self.frame_fps))) / self.frame_fps
+        nearest = np.clip(np.searchsorted(times, grid), 0, len(times) - 1)
+        earlier = np.clip(nearest - 1, 0, len(times) - 1)
+        pick = np.where(np.abs(times[earlier] - grid) <= np.abs(times[nearest] - grid), earlier, nearest)
+        inside = [c for c in self.cuts if start < c < end]
+        clip = {
+            "start": start,
+            "end": end,
+            "index": self.index,
+            "cuts": [round(c - start, 4) for c in inside],
+            "frames": np.stack([self.frames[i] for i in pick]),
+            "motion_25hz": resample_max(np.asarray(self.motion_t) - start, np.asarray(self.motion_v), self.length, RHYTHM_HZ),
+        }
+        after = [c for c in self.cuts if end <= c <= end + self.snap]
+        self.start = after[0] if after else end
+        self.index += 1
+        keep = np.searchsorted(times, self.start - 1.0 / max(self.frame_fps, 1.0))
+        self.times, self.frames = self.times[keep:], self.frames[keep:]
+        m = np.searchsorted(np.asarray(self.motion_t), self.start - 1.0)
+        self.motion_t, self.motion_v = self.motion_t[m:], self.motion_v[m:]
+        self.cuts = [c for c in self.cuts if c > self.start - 1.0]
+        return clip
+
+    def fits(self, end_of_video: float) -> bool:
+        return self.start + self.length <= end_of_video + 1e-6
+
+
+def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
+
+
+class Segment(Stage):
+    name = "segment"
+    resources = Resources(num_cpus=1, batch_size=1)
+
+    def process(self, rows: list[Row]) -> Iterable[Row | Reject]:
+        for row in rows:
+            yield from self._clips(row)
+
+    def _clips(self, row: Row) -> Iterator[Row | Reject]:
+        cfg = self.config
+        done = self.context.done_keys if self.context else frozenset()
+        source = row["meta"]["source"]
+        held: Row | None = None  # one clip is held back until we know whether it is the last
+        decoder, error, emitted = "", None, 0
+        try:
+            with local_copy(source["path"]) as path:
+                for clip, decoder in self._windows(path, row["meta"]["probe"]):
+                    if held is not None:
+                        emitted += 1
+                        if held["key"] not in done:
+                            yield held
+                    held = self._clip_row(row, clip, decoder)
+        except Exception as exc:  # a broken file ends its own stream, never the run
+            error = f"{type(exc).__name__}: {exc}"
+            if held is None:
+                tail = traceback.format_exc(limit=2).splitlines()[-1]
+                yield Reject.for_row(self.name, row, "decode_failed", f"{error} ({tail})")
+                return
+        if held is None:
+            probe = row["meta"]["probe"]
+            yield Reject.for_row(
+                self.name, row, "no_clips",
+                f"no full {cfg.clip_seconds:g} s window in {probe.get('duration') or 0:.2f} s of decodable video",
+            )
+            return
+        held["meta"]["clip"]["is_last"] = True
+        if error:
+            held["meta"]["flags"]["decode_error"] = error[:300]
+        if held["key"] not in done:
+            yield held
+
+    def _windows(self, path: str, probe: dict) -> Iterator[tuple[dict, str]]:
+        cfg = self.config
+        seg = cfg.segment
+        video = probe["video"]
+        fps = video["fps"] or 25.0
+        width, height = scaled_size(video["width"], video["height"], cfg.frame_size)
+        frames, decoder = video_frames(path, width, height, prefer=seg.decoder)
+        detector = ShotDetector(fps, seg.adaptive_threshold, seg.min_content_val, seg.min_shot_seconds)
+        cutter = ClipCutter(cfg, fps)
+        audio = AudioTrack(path)
+        prev_small, index, last_t, frame_step = None, 0, 0.0, 1.0 / fps
+        max_clips = seg.max_clips_per_video
+        try:
+            for times, chunk in frames:
+                for t, rgb in zip(times, chunk):
+                    small = cv2.cvtColor(cv2.resize(rgb, MOTION_SIZE, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+                    motion = frame_motion(prev_small, small) if prev_small is not None else None
+                    prev_small = small
+                    cuts = detector.feed(index, float(t), rgb)
+                    cutter.add(float(t), center_crop(rgb, cfg.frame_size), motion, cuts)
+                    if index:
+                        frame_step = float(t) - last_t
+                    last_t, index = float(t), index + 1
+                    while cutter.ready(last_t):
+                        yield self._with_audio(cutter.take(), audio), decoder
+                        if max_clips and cutter.index >= max_clips:
+                            return
+            end_of_video = last_t + frame_step
+            while cutter.fits(end_of_video) and not (max_clips and cutter.index >= max_clips):
+                yield self._with_audio(cutter.take(), audio), decoder
+        finally:
+            audio.close()
+
+    @staticmethod
+    def _with_audio(clip: dict, audio: AudioTrack) -> dict:
+        clip.update(audio.read(clip["start"], clip["end"]))
+        audio.discard_before(clip["end"])
+        return clip
+
+    def _clip_row(self, row: Row, clip: dict, decoder: str) -> Row:
+        source_id = row["meta"]["source"]["source_id"]
+        start_ms = int(round(clip["start"] * 1000))
+        meta = {k: v for k, v in row["meta"].items()}
+        cuts = clip["cuts"]
+        meta["clip"] = {
+            "index": clip["index"],
+            "start": round(clip["start"], 4),
+            "end": round(clip["end"], 4),
+            "duration": round(clip["end"] - clip["start"], 4),
+            "cut_times": cuts,
+            "shots": [[a, b] for a, b in zip([0.0, *cuts], [*cuts, round(clip["end"] - clip["start"], 4)])],
+            "decoder": decoder,
+            "is_last": False,
+        }
+        meta["flags"] = {}
+        return {
+            "key": f"{source_id}_{start_ms:08d}",
+            "meta": meta,
+            "frames": clip["frames"],
+            "motion_25hz": clip["motion_25hz"],
+            "audio48": clip["audio48"],
+            "audio16": clip["audio16"],
+        }
