@@ -30,6 +30,7 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from pipeline.config import CONFIG_DIR, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "ray_cluster.yaml"
@@ -278,3 +279,33 @@ def test_project_checks_catch_broken_copies(no_network):
     config["available_node_types"]["gpu_h100x8"]["worker_setup_commands"] = ["echo hi"]
     problems = setup_problems(check(config))
     assert len(problems) == 2 and all(p.startswith("gpu_h100x8:") for p in problems)
+
+
+# ---- run presets ---------------------------------------------------------------------------------
+
+PRESETS = sorted([*CONFIG_DIR.glob("*.yaml"), *CONFIG_DIR.glob("*.yml")])
+
+
+def test_cluster_preset_exists():
+    assert CONFIG_DIR / "cluster.yaml" in PRESETS
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_validates(path):
+    config = load_config(path)  # pydantic, extra="forbid": a misspelt key fails here
+    assert config.stages, path
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_names_registered_stages(path):
+    registry = pytest.importorskip("pipeline.registry")
+    stages = load_config(path).stages
+    unknown = [s for s in stages if s not in registry.STAGES]
+    assert unknown == [], f"{path.name}: unknown stages {unknown}"
+
+
+def test_cluster_preset_values():
+    config = load_config("cluster")
+    assert config.runner.engine == "ray"
+    assert config.runner.progress_bars is True
+    assert config.writer.samples_per_shard == 512
