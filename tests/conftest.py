@@ -1,0 +1,43 @@
+"""Shared fixtures: a small Ray for the whole session, and media with known ground truth."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, namespace="video-robin")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    """Three 24 s videos with known cuts, tempo, key and chords (and their .truth.json)."""
+    from pipeline.synth.media import make_video
+
+    folder = tmp_path_factory.mktemp("media")
+    for i in range(3):
+        make_video(folder / f"video_{i}.mp4", seconds=24.0, seed=10 + i)
+    return folder
+
+
+def load_truth(video: Path) -> dict:
+    return json.loads(video.with_suffix(".truth.json").read_text())
+
+
+def small_config(**overrides):
+    """The test preset: no progress bars, small shards, a 2-CPU local Ray."""
+    from pipeline.config import load_config
+
+    items = {"runner.progress_bars": "false", "runner.num_cpus": "2", "writer.samples_per_shard": "4", **overrides}
+    return load_config(None, [f"{k}={v}" for k, v in items.items()])
