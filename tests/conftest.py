@@ -1,7 +1,6 @@
 """Shared fixtures: a small Ray for the whole session, and media with known ground truth."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,15 +28,3 @@ def media_dir(tmp_path_factory) -> Path:
     for i in range(3):
         make_video(folder / f"video_{i}.mp4", seconds=24.0, seed=10 + i)
     return folder
-
-
-def load_truth(video: Path) -> dict:
-    return json.loads(video.with_suffix(".truth.json").read_text())
-
-
-def small_config(**overrides):
-    """The test preset: no progress bars, small shards, a 2-CPU local Ray."""
-    from pipeline.config import load_config
-
-    items = {"runner.progress_bars": "false", "runner.num_cpus": "2", "writer.samples_per_shard": "4", **overrides}
-    return load_config(None, [f"{k}={v}" for k, v in items.items()])
