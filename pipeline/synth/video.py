@@ -47,7 +47,8 @@ def plan_shot_lengths(seconds: float, rng: np.random.Generator) -> list[float]:
         total += lengths[-1]
     lengths[-1] -= total - seconds
     if len(lengths) > 1 and lengths[-1] < 1.5:
-        lengths[-2] += lengths.pop()
+        tail = lengths.pop()
+        lengths[-1] += tail
     return lengths
 
 
@@ -89,6 +90,7 @@ class ShotRenderer:
     def __init__(self, width: int, height: int):
         self.w, self.h = width, height
         self.y, self.x = np.mgrid[0:height, 0:width].astype(np.float32)
+        self._diag_index = (self.x + self.y).astype(np.int64)
         self._blob_cache: dict[int, np.ndarray] = {}
 
     def _blobs(self, seed: int, period: float) -> np.ndarray:
@@ -107,14 +109,17 @@ class ShotRenderer:
         d = shot.speed * frame_index
         k = 2 * np.pi / shot.period
         x, y = self.x, self.y
+        # Separable textures are built from 1-D profiles (cheap), broadcast to the frame.
+        xs, ys = x[0], y[:, 0]
         if shot.texture == "h_stripes":
-            tex = np.sin(k * (y + d))
+            tex = np.broadcast_to(np.sin(k * (ys + d))[:, None], x.shape)
         elif shot.texture == "v_stripes":
-            tex = np.sin(k * (x + d))
+            tex = np.broadcast_to(np.sin(k * (xs + d))[None, :], x.shape)
         elif shot.texture == "diagonal":
-            tex = np.sin(k * (x + y + d) / np.sqrt(2))
+            diag = np.sin(k * (np.arange(self.w + self.h, dtype=np.float32) + d) / np.sqrt(2))
+            tex = diag[self._diag_index]
         elif shot.texture == "checker":
-            tex = np.sin(k * (x + d)) * np.sin(k * (y - d / 2))
+            tex = np.sin(k * (ys - d / 2))[:, None] * np.sin(k * (xs + d))[None, :]
         elif shot.texture == "rings":
             cx, cy = self.w / 2 + d, self.h / 2
             tex = np.sin(k * np.hypot(x - cx, y - cy))
