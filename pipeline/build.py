@@ -46,7 +46,9 @@ def init_ray(config: Config) -> str:
     import ray
 
     address = config.runner.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if ray.is_initialized():  # a caller (tests, notebooks) brought its own
+        where = "the current Ray session"
+    elif address:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
         where = address
     else:
@@ -81,7 +83,6 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
     todo = [p for p in paths if p not in progress.done_paths]
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     engine = config.runner.engine
-    ledger = Ledger(str(out), run_id, progress.reject_idents, progress.next_shard)
     where = "this process"
     if engine == "ray":
         import ray
@@ -92,6 +93,7 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
         )
         client = LedgerClient(actor, f"ledger-{run_id}", NAMESPACE)
     else:
+        ledger = Ledger(str(out), run_id, progress.reject_idents, progress.next_shard)
         client = LedgerClient(ledger)
     context = RunContext(str(out), run_id, client, done_keys=frozenset(progress.partial_keys))
     if not quiet:
