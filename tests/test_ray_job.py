@@ -1,0 +1,86 @@
+"""`ray job submit` of pipeline/build.py against a real `ray start --head` cluster with token auth."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.synth import make_video
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_dashboard(port: int, head: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"dashboard on port {port} never came up")
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A head node in its own process group (ray stop would also kill the tests' own Ray)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    # The documented set-up: a token in ~/.ray/auth_token, RAY_AUTH_MODE=token for server and clients.
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    assert (home / ".ray" / "auth_token").exists()
+    dash = free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={free_port()}",
+           "--include-dashboard=true", f"--dashboard-port={dash}", f"--temp-dir=/tmp/rayjob{os.getpid()}",
+           f"--object-store-memory={256 << 20}"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_dashboard(dash, proc)
+        yield env, f"http://127.0.0.1:{dash}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_ray_job_submit_against_a_local_head(head, tmp_path):
+    env, address = head
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    for i in range(2):
+        make_video(videos / f"v{i}.mp4", seconds=12.0, seed=60 + i)
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+              "python", "pipeline/build.py", "--input", str(videos), "--output", str(out), "runner.progress_bars=false"]
+
+    # Without the token the job server refuses, and says why.
+    no_token = subprocess.run(submit, env={**env, "RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    assert no_token.returncode != 0 and "token" in (no_token.stdout + no_token.stderr).lower()
+
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "succeeded" in log.lower() and "counts reconcile" in log
+    assert "embedded local Ray" not in log  # it attached to the cluster
+    keys = pads.dataset(str(out / "index")).to_table(columns=["key"]).column("key").to_pylist()
+    assert len(keys) == 2 and len(list((out / "runs").glob("*.json"))) == 1
