@@ -109,6 +109,8 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
         snapshot = ray.get(actor.finish.remote())
     else:
         snapshot = ledger.finish()
+    order = [config.stages[0], "dedupe", *config.stages[1:]]
+    snapshot["stages"] = {k: snapshot["stages"][k] for k in sorted(snapshot["stages"], key=lambda k: order.index(k) if k in order else len(order))}
     counts = reconcile(snapshot, len(todo), written)
     record = {
         "run_id": run_id,

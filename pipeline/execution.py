@@ -47,10 +47,12 @@ class StageRunner:
 
     def __init__(self, stage_name: str, config_json: str, context: RunContext, stream: bool = False):
         self.stage = stage_class(stage_name)(Config.model_validate_json(config_json), context)
-        self.stage.setup()
         self.context = context
         self.stream = stream  # yield each output row as soon as it exists (1 -> N stages)
         self._pending: list = []
+        t0 = time.perf_counter()
+        self.stage.setup()
+        self._record(0, 0, 0.0, [], {"setup_seconds": time.perf_counter() - t0, "workers": 1})
 
     def run_rows(self, rows: list[Row]) -> Iterator[Row]:
         """Accepted rows out; rejects and stats to the ledger."""
@@ -71,11 +73,11 @@ class StageRunner:
                 yield item
         self._record(len(rows), out_count, seconds, rejects)
 
-    def _record(self, rows_in: int, rows_out: int, seconds: float, rejects: list[dict]) -> None:
+    def _record(self, rows_in: int, rows_out: int, seconds: float, rejects: list[dict], counters: dict | None = None) -> None:
         ledger = self.context.ledger
         if ledger is None:
             return
-        ref = ledger.record(self.stage.name, rows_in, rows_out, seconds, rejects)
+        ref = ledger.record(self.stage.name, rows_in, rows_out, seconds, rejects, counters)
         if ref is not None:
             self._pending.append(ref)
 

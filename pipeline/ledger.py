@@ -49,9 +49,12 @@ class Ledger:
         s["rows_out"] += rows_out
         s["rejected"] += len(rejects)
         s["seconds"] += seconds
-        s["calls"] += 1
+        s["calls"] += 1 if rows_in else 0
         for name, value in (counters or {}).items():
-            self.counters[f"{stage}.{name}"] += value
+            if name in ("setup_seconds", "workers"):  # per-stage set-up cost, kept apart from work
+                s[name] = s.get(name, 0) + value
+            else:
+                self.counters[f"{stage}.{name}"] += value
         for rec in rejects:
             self.reasons[(rec["stage"], rec["level"], rec["reason"])] += 1
             ident = (rec["level"], rec["key"])

@@ -42,10 +42,11 @@ def format_summary(record: dict[str, Any]) -> str:
         lines.append("rejects by reason:")
         for r in record["rejects"]:
             lines.append(f"  {r['level']:<6} {r['stage']:<16} {r['reason']:<20} {r['count']:>6}")
-    lines.append(f"{'stage':<18}{'in':>8}{'out':>8}{'rejected':>10}{'seconds':>10}{'per item':>10}")
+    lines.append(f"{'stage':<18}{'in':>8}{'out':>8}{'rejected':>10}{'seconds':>10}{'per item':>10}{'set-up s':>10}")
     for name, s in record["stages"].items():
         per = s["seconds"] / s["rows_in"] if s["rows_in"] else 0.0
-        lines.append(f"{name:<18}{int(s['rows_in']):>8}{int(s['rows_out']):>8}{int(s['rejected']):>10}{s['seconds']:>10.2f}{per:>10.3f}")
+        setup = s.get("setup_seconds", 0.0)
+        lines.append(f"{name:<18}{int(s['rows_in']):>8}{int(s['rows_out']):>8}{int(s['rejected']):>10}{s['seconds']:>10.2f}{per:>10.3f}{setup:>10.2f}")
     if record.get("skipped_stages"):
         for name, why in record["skipped_stages"].items():
             lines.append(f"skipped stage {name}: {why}")

@@ -100,6 +100,10 @@ class Writer(Stage):
         self.resources = Resources(num_cpus=1, batch_size=config.writer.samples_per_shard)
 
     def setup(self) -> None:
+        import PIL.Image  # noqa: F401  (encoders load once per worker, not inside the first shard)
+        import soundfile  # noqa: F401
+        import webdataset  # noqa: F401
+
         out = Path(self.context.output_dir)
         (out / "shards").mkdir(parents=True, exist_ok=True)
         (out / "index").mkdir(parents=True, exist_ok=True)

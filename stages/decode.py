@@ -86,6 +86,7 @@ class AudioTrack:
         self._packets = self._container.decode(self._stream)
         self._resamplers = {k: av.AudioResampler(format="flt", layout=lay, rate=r) for k, (r, lay) in self.RATES.items()}
         self._chunks: dict[str, list[np.ndarray]] = {k: [] for k in self.RATES}
+        self._samples = {k: 0 for k in self.RATES}  # samples held in _chunks
         self._origin = {k: 0.0 for k in self.RATES}  # time of the first buffered sample
         self._decoded_until = 0.0
         self._start_time: float | None = None
@@ -93,7 +94,7 @@ class AudioTrack:
 
     def _buffered_seconds(self, name: str) -> float:
         rate, _ = self.RATES[name]
-        return self._origin[name] + sum(c.shape[-1] for c in self._chunks[name]) / rate
+        return self._origin[name] + self._samples[name] / rate
 
     def _pull(self) -> None:
         try:
@@ -116,6 +117,7 @@ class AudioTrack:
         for out in frames:
             data = out.to_ndarray().reshape(-1, channels).T  # packed "flt" -> [channels, n]
             self._chunks[name].append(np.ascontiguousarray(data, dtype=np.float32))
+            self._samples[name] += data.shape[1]
 
     def read(self, start: float, end: float) -> dict[str, np.ndarray]:
         """Samples in [start, end) of the video timeline, zero-padded where the track is short."""
@@ -142,6 +144,7 @@ class AudioTrack:
             buf = np.concatenate(self._chunks[name], axis=1)
             drop = max(0, min(int((seconds - self._origin[name]) * rate), buf.shape[1]))
             self._chunks[name] = [buf[:, drop:]]
+            self._samples[name] = buf.shape[1] - drop
             self._origin[name] += drop / rate
 
     def close(self) -> None:
