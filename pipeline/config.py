@@ -38,6 +38,15 @@ class MusicDSPConfig(Strict):
     silence_dbfs: float = -60.0  # frames quieter than this count as silent
     max_silence_ratio: float = 0.5  # clips more silent than this are rejected
     chord_min_seconds: float = 0.5
+    start_bpm: float = 120.0  # beat tracker's tempo prior centre (librosa beat_track)
+    tightness: float = 100.0  # how strictly beats follow the tempo (librosa beat_track)
+    onset_latency_seconds: float = 0.025  # onset-envelope lag subtracted from beat times
+    key_profile: Literal["krumhansl", "temperley", "aarden", "bellman", "simple"] = "simple"
+    key_bass_weight: float = 0.5  # weight of the bass-octave chroma in the key's pitch profile
+    key_harmony_weight: float = 0.0  # weight of the chord-function (I, IV, V...) evidence for a key
+    key_cadence_weight: float = 0.1  # key score bonus when the first/last chord is its tonic triad
+    chord_stay_prob: float = 0.97  # Viterbi self-transition per 32 ms chroma frame
+    estimate_tuning: bool = True  # estimate detuning from A440 before the chroma CQT
 
 
 class VisualRhythmConfig(Strict):
@@ -54,6 +63,7 @@ class WriterConfig(Strict):
     max_shard_bytes: int = 1_000_000_000
     write_audio: bool = True  # original audio as 48 kHz stereo FLAC
     write_thumbnail: bool = True
+    workers: int = 1  # writer actors; each holds half a CPU for the whole run
 
 
 class RunnerConfig(Strict):
