@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.registry import stage_class
+from pipeline.registry import drops_after, stage_class
 from pipeline.stage import Reject, Row, RunContext
 
 TEXT_FIELDS = ("key", "meta")
@@ -46,7 +46,9 @@ class StageRunner:
     """Owns one stage instance (set up once) and records every call in the ledger."""
 
     def __init__(self, stage_name: str, config_json: str, context: RunContext, stream: bool = False):
-        self.stage = stage_class(stage_name)(Config.model_validate_json(config_json), context)
+        config = Config.model_validate_json(config_json)
+        self.stage = stage_class(stage_name)(config, context)
+        self.drop = drops_after(list(config.stages)).get(stage_name, ())
         self.context = context
         self.stream = stream  # yield each output row as soon as it exists (1 -> N stages)
         self._pending: list = []
@@ -57,7 +59,7 @@ class StageRunner:
     def run_rows(self, rows: list[Row]) -> Iterator[Row]:
         """Accepted rows out; rejects and stats to the ledger."""
         out_count, rejects, seconds = 0, [], 0.0
-        items = self.stage.run(rows)
+        items = self.stage.run(rows, self.drop)
         while True:
             t0 = time.perf_counter()
             try:

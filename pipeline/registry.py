@@ -31,3 +31,12 @@ def build_pipeline(config: Config, context: RunContext | None = None) -> list[St
     if names[:2] != [FIRST, SECOND] or names[-1] != LAST:
         raise ValueError(f"stages must start with {FIRST}, {SECOND} and end with {LAST}; got {names}")
     return [stage_class(name)(config, context) for name in names]
+
+
+def drops_after(names: list[str]) -> dict[str, tuple[str, ...]]:
+    """For each stage, the arrays it is the last consumer of (freed right after it)."""
+    last: dict[str, str] = {}
+    for name in names:
+        for field in stage_class(name).consumes:
+            last[field] = name
+    return {name: tuple(f for f, n in last.items() if n == name) for name in names}

@@ -4,7 +4,8 @@ a `setup()` that loads heavy state once per worker, and one batch method.
 Rows are plain dicts. Every row carries:
   key       str  — `<source_id>` for sources, `<source_id>_<start_ms>` for clips
   meta      dict — everything JSON-able accumulated so far (source, probe, window, attributes...)
-and any number of numpy arrays (frames, audio) that a later stage consumes and drops.
+and any number of numpy arrays (frames, audio). Each stage declares the arrays it `consumes`; the
+runner drops an array right after the last stage of the pipeline that consumes it.
 
 A stage never raises for one bad item: it yields a `Reject` for it instead, and the runner
 routes rejects to the ledger (rejects table + counters) while accepted rows flow on.
@@ -68,8 +69,8 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     resources: Resources = Resources()
-    # Array fields this stage is the last consumer of: dropped from rows after it runs.
-    drops: ClassVar[tuple[str, ...]] = ()
+    # Array fields this stage reads; the runner frees each after its last consumer.
+    consumes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, context: "RunContext | None" = None):
         self.config = config
@@ -83,11 +84,11 @@ class Stage:
         `Reject` per item that cannot go on."""
         raise NotImplementedError
 
-    def run(self, rows: list[Row]) -> Iterator[Row | Reject]:
-        """`process` plus dropping the arrays nobody downstream needs."""
+    def run(self, rows: list[Row], drop: tuple[str, ...] = ()) -> Iterator[Row | Reject]:
+        """`process`, then free the arrays in `drop` that no later stage reads."""
         for item in self.process(rows):
             if isinstance(item, dict):
-                for name in self.drops:
+                for name in drop:
                     item.pop(name, None)
             yield item
 

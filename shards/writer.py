@@ -93,6 +93,7 @@ class ShardSink:
 
 class Writer(Stage):
     name = "writer"
+    consumes = ("frames", "audio48", *ARRAY_MEMBERS)
     resources = Resources(num_cpus=0.5, pool_size=1, batch_size=256)  # sized from config below
 
     def __init__(self, config, context=None):

@@ -62,7 +62,7 @@ def cut_beat_alignment(cuts: list[float], beats: list[float], tolerance: float) 
 class VisualRhythm(Stage):
     name = "visual_rhythm"
     resources = Resources(num_cpus=0.25, batch_size=16)
-    drops = ("onset_25hz", "beat_25hz", "motion_25hz")
+    consumes = ("onset_25hz", "beat_25hz", "motion_25hz")
 
     def process(self, rows: list[Row]) -> Iterable[Row | Reject]:
         cfg = self.config.visual_rhythm

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from pipeline.build import main
 from pipeline.config import load_config
-from pipeline.registry import build_pipeline
+from pipeline.registry import build_pipeline, drops_after
 
 
 def test_overrides_are_typed_and_nested():
@@ -37,3 +37,11 @@ def test_cli_reports_a_bad_config_without_a_traceback(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "writer.nope=1"])
     assert exit_info.value.code == 2 and "bad configuration" in capsys.readouterr().err
+
+
+def test_arrays_are_freed_after_their_last_consumer():
+    drops = drops_after(load_config(None, []).stages)
+    assert set(drops["visual_rhythm"]) == {"onset_25hz", "beat_25hz", "motion_25hz"}
+    assert {"frames", "audio48"} <= set(drops["writer"])
+    assert "audio16" in drops["music_dsp"]
+    assert drops["probe"] == drops["segment"] == ()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.registry import drops_after
 from stages.visual_rhythm import VisualRhythm, cut_beat_alignment, impulses, resample_max
 
 from helpers import small_config
@@ -43,7 +44,7 @@ def test_stage_packs_rhythm_and_scores_alignment():
         "beat_25hz": impulses(beats, 10.0, 25),
         "motion_25hz": np.full(250, 0.02, np.float32),
     }
-    (out,) = list(VisualRhythm(cfg).run([row]))
+    (out,) = list(VisualRhythm(cfg).run([row], drops_after(cfg.stages)["visual_rhythm"]))
     assert out["rhythm"].shape == (4, 250) and out["rhythm"].dtype == np.float16
     assert out["rhythm"][2].sum() == 2 and "onset_25hz" not in out and "motion_25hz" not in out
     assert out["meta"]["visual"]["cut_beat_alignment"] == 1.0  # 4.3 is within 0.5 s of 4.5
