@@ -41,9 +41,9 @@ class MusicDSPConfig(Strict):
     start_bpm: float = 120.0  # beat tracker's tempo prior centre (librosa beat_track)
     tightness: float = 100.0  # how strictly beats follow the tempo (librosa beat_track)
     onset_latency_seconds: float = 0.025  # onset-envelope lag subtracted from beat times
-    key_profile: Literal["krumhansl", "temperley", "aarden", "bellman", "simple"] = "simple"
-    key_bass_weight: float = 0.5  # weight of the bass-octave chroma in the key's pitch profile
-    key_harmony_weight: float = 0.0  # weight of the chord-function (I, IV, V...) evidence for a key
+    key_profile: Literal["krumhansl", "temperley", "aarden", "bellman", "simple"] = "krumhansl"
+    key_bass_weight: float = 0.25  # weight of the bass-octave chroma in the key's pitch profile
+    key_harmony_weight: float = 0.4  # weight of the chord-function (I, IV, V...) evidence for a key
     key_cadence_weight: float = 0.1  # key score bonus when the first/last chord is its tonic triad
     chord_stay_prob: float = 0.97  # Viterbi self-transition per 32 ms chroma frame
     estimate_tuning: bool = True  # estimate detuning from A440 before the chroma CQT
