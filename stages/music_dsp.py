@@ -180,10 +180,13 @@ class MusicDSP(Stage):
     consumes = ("audio16",)
 
     def setup(self) -> None:
-        # First calls JIT-compile librosa's numba kernels (beat tracker, CQT helpers): pay once.
-        t = np.arange(int(2.0 * SR)) / SR
-        warm = (0.3 * np.sin(2 * np.pi * 220.0 * t) * (np.mod(t, 0.5) < 0.1)).astype(np.float32)
-        analyze_clip(warm, self.config.music_dsp, 2.0)
+        # The first call JIT-compiles librosa's numba kernels (~3 s): pay it here, once per
+        # worker, on a clip of the real length (a click track on an A minor triad).
+        seconds = float(self.config.clip_seconds)
+        t = np.arange(int(seconds * SR)) / SR
+        tone = sum(np.sin(2 * np.pi * f * t) for f in (220.0, 261.63, 329.63))
+        warm = (0.1 * tone * (np.mod(t, 0.5) < 0.2)).astype(np.float32)
+        analyze_clip(warm, self.config.music_dsp, seconds)
 
     def process(self, rows: list[Row]) -> Iterable[Row | Reject]:
         cfg: MusicDSPConfig = self.config.music_dsp
