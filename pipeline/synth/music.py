@@ -14,7 +14,9 @@ from scipy.signal import butter, sosfilt
 
 PITCH_CLASSES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 SCALES = {"major": [0, 2, 4, 5, 7, 9, 11], "minor": [0, 2, 3, 5, 7, 8, 10]}
-DEFAULT_PROGRESSIONS = {"major": ["I", "V", "vi", "IV"], "minor": ["i", "VI", "III", "VII"]}
+# Cadential loops (tonic and a major dominant in every cycle), so any 10 s window states its key;
+# loops like i-VI-III-VII are the relative major's chords and leave a mid-song window ambiguous.
+DEFAULT_PROGRESSIONS = {"major": ["I", "IV", "V", "I"], "minor": ["i", "iv", "V", "i"]}
 _DEGREES = {"i": 0, "ii": 1, "iii": 2, "iv": 3, "v": 4, "vi": 5, "vii": 6}
 INSTRUMENTS = ["kick drum", "snare drum", "hi-hat", "bass", "synth pad", "synth arpeggio"]
 
@@ -81,7 +83,8 @@ def chord_timeline(spec: MusicSpec) -> list[Chord]:
                             prog[k % len(prog)]))
     # A sliver shorter than a beat is not a chord anyone could hear: give it to its neighbour.
     if len(chords) > 1 and chords[-1].end - chords[-1].start < beat - 1e-9:
-        chords[-2].end = chords.pop().end
+        last = chords.pop()
+        chords[-1].end = last.end
     tonic_q = "maj" if spec.mode == "major" else "min"
     chords[-1].root, chords[-1].quality = tonic_pc, tonic_q
     chords[-1].numeral = "I" if spec.mode == "major" else "i"
