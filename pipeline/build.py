@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.ledger import Ledger, LedgerClient  # noqa: E402
+from pipeline.ownership import claim  # noqa: E402
 from pipeline.resume import clean_temporaries, scan  # noqa: E402
 from pipeline.sources import list_sources  # noqa: E402
 from pipeline.stage import RunContext  # noqa: E402
@@ -77,11 +78,12 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
     out = Path(output_dir)
     for folder in ("shards", "index", "rejects", "runs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    claim(out, run_id)
     removed = clean_temporaries(out)
     progress = scan(out)
     paths = list_sources(input_location, config.sources.extensions, config.sources.recursive)
     todo = [p for p in paths if p not in progress.done_paths]
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     engine = config.runner.engine
     where = "this process"
     if engine == "ray":

@@ -13,6 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.ownership import check
+
 REJECT_SCHEMA = pa.schema([
     ("stage", pa.string()),
     ("reason", pa.string()),
@@ -31,7 +33,8 @@ FLUSH_SECONDS = 5.0
 
 class Ledger:
     def __init__(self, output_dir: str, run_id: str, known_rejects: set[tuple[str, str]] = frozenset(), first_shard: int = 0):
-        self.dir = Path(output_dir) / "rejects"
+        self.out = Path(output_dir)
+        self.dir = self.out / "rejects"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
         self.known = set(known_rejects)  # (level, key) already in the rejects table
@@ -76,6 +79,7 @@ class Ledger:
         path = self.dir / f"{self.run_id}-{self.parts:05d}.parquet"
         tmp = path.with_name(f".{path.name}.tmp")
         pq.write_table(pa.Table.from_pylist(self.pending, schema=REJECT_SCHEMA), tmp)
+        check(self.out, self.run_id)  # a superseded run's ledger commits nothing
         os.replace(tmp, path)
         self.parts += 1
         self.pending = []

@@ -30,11 +30,16 @@ def _read(folder: Path, columns: list[str]) -> list[dict]:
 
 
 def clean_temporaries(out: Path) -> int:
-    """Remove partial files an interrupted run left behind (never final names)."""
+    """Remove what an interrupted run left uncommitted: temporary files, and shards whose index
+    file was never written (the index file is the commit point of a shard)."""
     removed = 0
-    for folder in ("shards", "index", "rejects"):
+    for folder in ("shards", "index", "rejects", "runs"):
         for tmp in (out / folder).glob(".*.tmp"):
             tmp.unlink()
+            removed += 1
+    for tar in (out / "shards").glob("*.tar"):
+        if not (out / "index" / f"{tar.stem}.parquet").exists():
+            tar.unlink()
             removed += 1
     return removed
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.ownership import check
 from pipeline.stage import Reject, Resources, Row, Stage
 from shards.schema import ARRAY_MEMBERS, INDEX_SCHEMA, SCHEMA_VERSION, SampleMeta, index_row
 
@@ -65,10 +66,10 @@ def _atomic_parquet(table: pa.Table, path: Path) -> None:
 class ShardSink:
     """Writes one shard at a time under a temporary name; `close()` makes it final."""
 
-    def __init__(self, out_dir: Path, name: str):
+    def __init__(self, out_dir: Path, name: str, run_id: str):
         import webdataset as wds
 
-        self.name = name
+        self.name, self.out_dir, self.run_id = name, out_dir, run_id
         self.final = out_dir / "shards" / f"{name}.tar"
         self.tmp = out_dir / "shards" / f".{name}.tar.tmp"
         self.index_path = out_dir / "index" / f"{name}.parquet"
@@ -84,11 +85,21 @@ class ShardSink:
         self.rows.append(index_row({**meta, "key": key}, self.final.name, sorted(members), size))
 
     def close(self) -> None:
+        """Commit: the tar under its final name, then its index file (the commit point). A run
+        that lost the folder to a newer run commits nothing."""
         self._tar.close()  # also closes the file
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(self.tmp, self.final)
-        _atomic_parquet(pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA), self.index_path)
+        try:
+            check(self.out_dir, self.run_id)
+            os.replace(self.tmp, self.final)
+            check(self.out_dir, self.run_id)
+            _atomic_parquet(pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA), self.index_path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            if not self.index_path.exists():
+                self.final.unlink(missing_ok=True)
+            raise
 
 
 class Writer(Stage):
@@ -125,7 +136,8 @@ class Writer(Stage):
                 yield Reject.for_row(self.name, row, "encode_failed", f"{type(exc).__name__}: {exc}")
                 continue
             if sink is None:
-                sink = ShardSink(Path(self.context.output_dir), f"{self.context.ledger.next_shard_index():06d}")
+                name = f"{self.context.ledger.next_shard_index():06d}"
+                sink = ShardSink(Path(self.context.output_dir), name, self.context.run_id)
             sink.add(row["key"], members, row["meta"])
             written.append((row["key"], sink.name))
             if sink.bytes >= cfg.max_shard_bytes:

@@ -77,8 +77,12 @@ def test_ray_job_submit_against_a_local_head(head, tmp_path):
     no_token = subprocess.run(submit, env={**env, "RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120)
     assert no_token.returncode != 0 and "token" in (no_token.stdout + no_token.stderr).lower()
 
-    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
-    log = done.stdout + done.stderr
+    for _ in range(30):  # the job agent starts a little after the dashboard answers
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
+        log = done.stdout + done.stderr
+        if "No available agent" not in log:
+            break
+        time.sleep(2)
     assert done.returncode == 0, log[-4000:]
     assert "succeeded" in log.lower() and "counts reconcile" in log
     assert "embedded local Ray" not in log  # it attached to the cluster

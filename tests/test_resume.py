@@ -27,11 +27,6 @@ def keys_in_tars(out: Path) -> list[str]:
     return [s["__key__"] for tar in sorted((out / "shards").glob("*.tar")) for s in wds.WebDataset(str(tar), shardshuffle=False)]
 
 
-def ray_processes_of(tmp_root: Path) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if str(tmp_root) in line]
-
-
 def test_killed_run_resumes_to_the_same_keys(tmp_path):
     videos = tmp_path / "videos"
     for i in range(6):
@@ -40,10 +35,10 @@ def test_killed_run_resumes_to_the_same_keys(tmp_path):
     build(str(videos), str(reference), small_config(**{"runner.engine": "loop", "writer.samples_per_shard": 1}), quiet=True)
     expected = sorted(pads.dataset(str(reference / "index")).to_table(columns=["key"]).column("key").to_pylist())
 
-    out, ray_tmp = tmp_path / "out", Path("/tmp") / f"rayresume{os.getpid()}"
+    out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "pipeline/build.py"), "--input", str(videos), "--output", str(out),
            "runner.progress_bars=false", "runner.num_cpus=2", "writer.samples_per_shard=1"]
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     driver = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -52,10 +47,8 @@ def test_killed_run_resumes_to_the_same_keys(tmp_path):
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    # Ray's own processes notice the dead driver and exit; wait so none finishes a shard later.
-    while time.time() < deadline and ray_processes_of(ray_tmp):
-        time.sleep(0.5)
-    assert not ray_processes_of(ray_tmp)
+    # Restart at once: Ray workers of the killed run may still be finishing a shard. They must not
+    # commit it once the new run owns the folder (pipeline/ownership.py).
     finished = sorted(pads.dataset(str(out / "index")).to_table(columns=["key"]).column("key").to_pylist())
     assert 0 < len(finished) < len(expected), "the kill should land mid-run"
 

@@ -10,7 +10,10 @@ import numpy as np
 import pyarrow.dataset as pads
 import webdataset as wds
 
+import pytest
+
 from pipeline.ledger import Ledger, LedgerClient
+from pipeline.ownership import Superseded, claim
 from pipeline.resume import clean_temporaries, scan
 from pipeline.stage import Reject, RunContext
 from shards.writer import Writer
@@ -35,7 +38,17 @@ def clip_row(i: int, source: str = "s1", last: bool = False) -> dict:
     }
 
 
+def take_over(out: Path, run_id: str) -> None:
+    """Claim `out` for `run_id`, marking the previous owner finished (no grace wait)."""
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    for f in (out / "runs").glob(".owner"):
+        (out / "runs" / f"{f.read_text().strip()}.json").write_text("{}")
+    claim(out, run_id)
+
+
 def writer_for(out: Path, ledger: Ledger, done=frozenset(), **overrides) -> Writer:
+    if not (out / "runs" / ".owner").exists():
+        take_over(out, "r1")
     w = Writer(small_config(**overrides), RunContext(str(out), "r1", LedgerClient(ledger), done_keys=frozenset(done)))
     w.setup()
     return w
@@ -82,9 +95,11 @@ def test_same_samples_give_byte_identical_tars(tmp_path):
 
 def test_ledger_skips_rejects_an_earlier_run_recorded(tmp_path):
     rec = Reject("music_dsp", "silent", "quiet", "s1", "/v/s1.mp4", "s1_00000000", "clip", 0, False).to_record()
+    take_over(tmp_path, "r1")
     first = Ledger(str(tmp_path), "r1")
     first.record("music_dsp", 1, 0, 0.1, [rec])
     first.finish()
+    take_over(tmp_path, "r2")
     second = Ledger(str(tmp_path), "r2", known_rejects=scan(tmp_path).reject_idents)
     second.record("music_dsp", 1, 0, 0.1, [rec])
     snap = second.finish()
@@ -100,8 +115,23 @@ def test_scan_tells_finished_from_partial_sources(tmp_path):
                                            Reject("probe", "empty_file", "", "", "/videos/empty.mp4", "/videos/empty.mp4").to_record()])
     ledger.finish()
     (tmp_path / "shards" / ".000009.tar.tmp").write_bytes(b"partial")
-    assert clean_temporaries(tmp_path) == 1
+    (tmp_path / "shards" / "000007.tar").write_bytes(b"renamed, but its index was never written")
+    assert clean_temporaries(tmp_path) == 2
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["000000.tar"]
     progress = scan(tmp_path)
     assert progress.done_paths == {"/videos/done.mp4", "/videos/empty.mp4"}
     assert progress.partial_keys == {"half_00000000", "gap_00000000"}
     assert progress.next_shard == 1 and progress.done_source_ids == {"done": "/videos/done.mp4", "half": "/videos/half.mp4"}
+
+
+def test_a_superseded_run_commits_nothing(tmp_path):
+    ledger = Ledger(str(tmp_path), "r1")
+    writer = writer_for(tmp_path, ledger)
+    take_over(tmp_path, "r2")  # a newer run took the folder over, e.g. after this driver was killed
+    with pytest.raises(Superseded, match="r2 took over"):
+        list(writer.run([clip_row(0)]))
+    assert list((tmp_path / "shards").iterdir()) == [] and list((tmp_path / "index").iterdir()) == []
+    ledger.record("probe", 1, 0, 0.0, [Reject("probe", "empty_file", "", "", "/v/e.mp4", "/v/e.mp4").to_record()])
+    with pytest.raises(Superseded):
+        ledger.flush()
+    assert not list((tmp_path / "rejects").glob("*.parquet"))
