@@ -63,7 +63,7 @@ class WriterConfig(Strict):
     max_shard_bytes: int = 1_000_000_000
     write_audio: bool = True  # original audio as 48 kHz stereo FLAC
     write_thumbnail: bool = True
-    workers: int = 1  # writer actors; each holds half a CPU for the whole run
+    workers: int = 1  # writer actors; they reserve no CPU, so pools never starve the other stages
 
 
 class RunnerConfig(Strict):

@@ -105,12 +105,13 @@ class ShardSink:
 class Writer(Stage):
     name = "writer"
     consumes = ("frames", "audio48", *ARRAY_MEMBERS)
-    resources = Resources(num_cpus=0.5, pool_size=1, batch_size=256)  # sized from config below
+    resources = Resources(num_cpus=0, pool_size=1, batch_size=256)  # sized from config below
 
     def __init__(self, config, context=None):
         super().__init__(config, context)
-        # An actor pool: each actor keeps its encoders loaded and writes whole shards per call.
-        self.resources = Resources(num_cpus=0.5, pool_size=config.writer.workers, batch_size=config.writer.samples_per_shard)
+        # An actor pool: each actor keeps its encoders loaded and writes whole shards per call. It
+        # reserves no CPU: an actor holding one would leave a 1-CPU Ray unable to run any task.
+        self.resources = Resources(num_cpus=0, pool_size=config.writer.workers, batch_size=config.writer.samples_per_shard)
 
     def setup(self) -> None:
         import PIL.Image  # noqa: F401  (encoders load once per worker, not inside the first shard)
