@@ -50,6 +50,11 @@ def head(tmp_path):
     dash = free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={free_port()}",
            "--include-dashboard=true", f"--dashboard-port={dash}", f"--temp-dir=/tmp/rayjob{os.getpid()}",
+           # Its own agent ports: the tests' session Ray already holds the default ones, and a head
+           # whose job agent cannot bind answers every submit with "No available agent".
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--ray-client-server-port={free_port()}",
            f"--object-store-memory={256 << 20}"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
