@@ -59,7 +59,7 @@ def make_inputs(args) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         cmd = [sys.executable, "-m", "pipeline.synth", str(folder), "--videos", str(args.videos),
                "--seconds", str(args.seconds), "--width", str(args.width), "--height", str(args.height)]
-        subprocess.run(cmd, cwd=ROOT.parent, check=True, capture_output=True, timeout=args.timeout)
+        subprocess.run(cmd, cwd=ROOT.parent, check=True, capture_output=True, timeout=args.timeout or 1800)
     for f in folder.glob("*.mp4"):  # warm the page cache: every measurement reads from memory
         f.read_bytes()
     return folder
@@ -223,7 +223,11 @@ def measure(args) -> dict:
     tries: dict[str, list[dict]] = {name: [] for name in plans}
     for _ in range(args.repeat):  # interleaved, so slow spells of a shared machine hit every run alike
         for name, (overrides, cores) in plans.items():
-            tries[name].append(run_build(name, inputs, overrides, cores, args.timeout))
+            if tries[name] and "error" in tries[name][-1]:
+                continue  # a build that failed or hung once is not tried again
+            # Without --timeout, a build may take 5x the first loop build (at least 2 min): a hung Ray run costs minutes, not hours.
+            limit = args.timeout or (600.0 if not tries["loop"] else max(120.0, 5 * tries["loop"][0].get("process_s", 120.0)))
+            tries[name].append(run_build(name, inputs, overrides, cores, limit))
         base["pyav_1core_passes"].append(raw_pyav(files, one))
     runs = {}
     for name, results in tries.items():  # keep the fastest try of each run
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=240)
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for pipeline_cpu_<H>p.{json,md}")
     ap.add_argument("--repeat", type=int, default=2, help="rounds of builds; the fastest of each is kept")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per build subprocess")
+    ap.add_argument("--timeout", type=float, help="seconds per build (default: 5x the first loop build, at least 120)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every build (repeatable)")
     ap.add_argument("--note", default="", help="a sentence for the results (e.g. why a --set was needed)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
