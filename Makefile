@@ -31,7 +31,7 @@ test-fast: env
 # The music21 figures render real scores with fluidsynth and the GM soundfont (Debian packages).
 bench: env
 	command -v fluidsynth >/dev/null || (apt-get update -qq && apt-get install -y -qq fluidsynth fluid-soundfont-gm)
-	$(BIN)/python -m bench.pipeline_throughput
+	$(BIN)/python -m bench.pipeline_throughput --videos 24
 	$(BIN)/python -m bench.pipeline_throughput --videos 8 --width 1280 --height 720
 	$(BIN)/python -m bench.music21_accuracy
 

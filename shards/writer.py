@@ -114,9 +114,12 @@ class Writer(Stage):
         self.resources = Resources(num_cpus=0, pool_size=config.writer.workers, batch_size=config.writer.samples_per_shard)
 
     def setup(self) -> None:
+        import pandas  # noqa: F401  (pyarrow's first table build imports it: once, here)
         import PIL.Image  # noqa: F401  (encoders load once per worker, not inside the first shard)
         import soundfile  # noqa: F401
         import webdataset  # noqa: F401
+
+        pa.Table.from_pylist([{"key": "warm-up"}]).to_pandas()
 
         out = Path(self.context.output_dir)
         (out / "shards").mkdir(parents=True, exist_ok=True)

@@ -176,7 +176,9 @@ class MusicDSP(Stage):
     Reads `audio16` (float32 [n], 16 kHz mono); silent clips become "silent" rejects."""
 
     name = "music_dsp"
-    resources = Resources(num_cpus=1, batch_size=8)
+    # One clip per call: Ray Data fuses this stage with segment, and a bigger batch would make
+    # each fused task take several videos, serialising them on a small machine.
+    resources = Resources(num_cpus=1, batch_size=1)
     consumes = ("audio16",)
 
     def setup(self) -> None:
