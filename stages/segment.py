@@ -135,12 +135,11 @@ class Segment(Stage):
         done = self.context.done_keys if self.context else frozenset()
         source = row["meta"]["source"]
         held: Row | None = None  # one clip is held back until we know whether it is the last
-        decoder, error, emitted = "", None, 0
+        decoder, error = "", None
         try:
             with local_copy(source["path"]) as path:
                 for clip, decoder in self._windows(path, row["meta"]["probe"]):
                     if held is not None:
-                        emitted += 1
                         if held["key"] not in done:
                             yield held
                     held = self._clip_row(row, clip, decoder)
