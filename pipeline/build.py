@@ -22,12 +22,14 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.ledger import Ledger, LedgerClient  # noqa: E402
 from pipeline.ownership import claim  # noqa: E402
+from pipeline.preflight import prepare_stages  # noqa: E402
 from pipeline.resume import clean_temporaries, scan  # noqa: E402
 from pipeline.sources import list_sources  # noqa: E402
 from pipeline.stage import RunContext  # noqa: E402
 from pipeline.summary import format_summary, reconcile  # noqa: E402
+from pipeline.weights import WeightsMissing  # noqa: E402
 
-PACKAGES = ("ray", "torch", "numpy", "pyarrow", "webdataset", "decord", "av", "scenedetect-headless", "librosa", "mir_eval", "pydantic")
+PACKAGES = ("ray", "torch", "open_clip_torch", "diffusers", "numpy", "pyarrow", "webdataset", "decord", "av", "scenedetect-headless", "librosa", "mir_eval", "pydantic")
 NAMESPACE = "video-robin"
 
 
@@ -75,6 +77,10 @@ def output_totals(out: Path) -> dict[str, int]:
 def build(input_location: str, output_dir: str, config: Config, quiet: bool = False) -> dict:
     """Run the pipeline; returns the run record (also written to OUT/runs/<run_id>.json)."""
     started = time.time()
+    config, skipped = prepare_stages(config)  # before anything is written: a missing model fails fast
+    if skipped and not quiet:
+        for name, why in skipped.items():
+            print(f"[build] SKIPPING stage {name}: {why}", flush=True)
     out = Path(output_dir)
     for folder in ("shards", "index", "rejects", "runs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -131,7 +137,7 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
         "rejects": snapshot["reasons"],
         "stages": snapshot["stages"],
         "counters": snapshot["counters"],
-        "skipped_stages": {},
+        "skipped_stages": skipped,
         "config": config.model_dump(),
         "versions": versions(),
         "output_totals": output_totals(out),
@@ -153,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
     except Exception as exc:
         parser.error(f"bad configuration: {exc}")
-    record = build(args.input, args.output, config)
+    try:
+        record = build(args.input, args.output, config)
+    except WeightsMissing as exc:
+        print(f"[build] ERROR: {exc}", file=sys.stderr)
+        return 3
     c = record["counts"]
     if not (c["sources_reconcile"] and c["clips_reconcile"]):
         print("[build] ERROR: counts do not reconcile; see the run record", file=sys.stderr)

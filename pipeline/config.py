@@ -54,6 +54,38 @@ class VisualRhythmConfig(Strict):
     min_alignment: float | None = None  # reject clips whose cuts align worse than this
 
 
+OnMissing = Literal["fail", "skip"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]  # auto: bf16 on a GPU, fp32 on CPU
+
+
+class ClipEmbedConfig(Strict):
+    model: str = "ViT-B-32"  # an open_clip model name
+    # An open_clip pretrained tag (resolved through the Hugging Face cache or hub) or a local file.
+    pretrained: str = "laion2b_s34b_b79k"
+    config_file: str | None = None  # JSON config for a model open_clip does not ship (tests' tiny one)
+    tags: str = "visual_tags.v1"  # zero-shot vocabulary in prompts/
+    top_k: int = 3  # tags kept per category
+    precision: Precision = "auto"
+    batch_size: int = 8  # clips per call; every clip brings clip_seconds x frame_fps frames
+    num_gpus: float = 0.0  # a fraction lets CLIP share a GPU with the VAE and the LLM servers
+    num_cpus: float = 0.5
+    pool_size: int = 1
+    on_missing: OnMissing = "fail"  # no weights: fail the run, or skip the stage and say so
+
+
+class VaeLatentsConfig(Strict):
+    preset: Literal["songbloom", "stable_audio_open", "tiny"] = "songbloom"
+    # Local files in stable-audio-tools' layout; unset: the preset's Hugging Face repo (cache, then hub).
+    config_file: str | None = None  # e.g. stable_audio_1920_vae.json
+    checkpoint: str | None = None  # e.g. autoencoder_music_dsp1920.ckpt
+    precision: Precision = "auto"
+    batch_size: int = 4
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    pool_size: int = 1
+    on_missing: OnMissing = "fail"
+
+
 class PromptConfig(Strict):
     template: str = "template.v1"
 
@@ -83,11 +115,15 @@ class Config(Strict):
     segment: SegmentConfig = SegmentConfig()
     music_dsp: MusicDSPConfig = MusicDSPConfig()
     visual_rhythm: VisualRhythmConfig = VisualRhythmConfig()
+    clip_embed: ClipEmbedConfig = ClipEmbedConfig()
+    vae_latents: VaeLatentsConfig = VaeLatentsConfig()
     prompts: PromptConfig = PromptConfig()
     writer: WriterConfig = WriterConfig()
     runner: RunnerConfig = RunnerConfig()
     stages: list[str] = Field(
-        default_factory=lambda: ["probe", "segment", "music_dsp", "visual_rhythm", "template_prompts", "writer"]
+        default_factory=lambda: [
+            "probe", "segment", "music_dsp", "visual_rhythm", "clip_embed", "vae_latents", "template_prompts", "writer",
+        ]
     )
 
 

@@ -12,6 +12,8 @@ STAGES = {
     "segment": "stages.segment:Segment",
     "music_dsp": "stages.music_dsp:MusicDSP",
     "visual_rhythm": "stages.visual_rhythm:VisualRhythm",
+    "clip_embed": "stages.clip_embed:ClipEmbed",
+    "vae_latents": "stages.vae_latents:VaeLatents",
     "template_prompts": "stages.template_prompts:TemplatePrompts",
     "writer": "shards.writer:Writer",
 }

@@ -76,6 +76,13 @@ class Stage:
         self.config = config
         self.context = context
 
+    @classmethod
+    def prepare(cls, config: Any) -> dict[str, Any]:
+        """Driver side, once per run, before any worker starts: resolve model weights and return
+        config updates (dotted key -> value) that point the workers at local files. Raises
+        `pipeline.weights.WeightsMissing` when the stage has no weights to run with."""
+        return {}
+
     def setup(self) -> None:
         """Load models or other heavy state. Called once per worker before any batch."""
 

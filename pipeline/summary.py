@@ -47,9 +47,9 @@ def format_summary(record: dict[str, Any]) -> str:
         per = s["seconds"] / s["rows_in"] if s["rows_in"] else 0.0
         setup = s.get("setup_seconds", 0.0)
         lines.append(f"{name:<18}{int(s['rows_in']):>8}{int(s['rows_out']):>8}{int(s['rejected']):>10}{s['seconds']:>10.2f}{per:>10.3f}{setup:>10.2f}")
-    if record.get("skipped_stages"):
-        for name, why in record["skipped_stages"].items():
-            lines.append(f"skipped stage {name}: {why}")
+    for name, why in (record.get("skipped_stages") or {}).items():
+        lack = {"clip_embed": " (shards say has_clip false)", "vae_latents": " (shards say has_latent false)"}.get(name, "")
+        lines.append(f"SKIPPED stage {name}{lack}: {why}")
     lines.append(
         f"output now holds {totals['samples']} samples in {totals['shards']} shards, {totals['rejects']} reject rows -> {record['output_dir']}"
     )

@@ -6,7 +6,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: CLIP embeddings, visual tags and VAE latents
 
 # Row field -> tar member name. Arrays are stored as .npy (never pickled).
 ARRAY_MEMBERS = {
@@ -40,6 +40,11 @@ class SampleMeta(BaseModel):
     clip: ClipWindow
     music: dict[str, Any] | None = None
     visual: dict[str, Any] | None = None
+    has_clip: bool = False  # clip.npy present (False when clip_embed was skipped or not run)
+    has_latent: bool = False  # latent.npy / latent_std.npy present
+    clip_embed: dict[str, Any] | None = None  # model, pretrained, dim, fps, precision of clip.npy
+    visual_tags: dict[str, list[dict[str, Any]]] | None = None  # category -> [{tag, score}], best first
+    latent: dict[str, Any] | None = None  # VAE preset, rate, hop, channels, frames of latent.npy
     prompts: dict[str, str] | None = None
     prompt_source: dict[str, Any] | None = None
     flags: dict[str, Any] = {}
@@ -77,6 +82,13 @@ INDEX_SCHEMA = pa.schema([
     ("chords", pa.string()),
     ("loudness_dbfs", pa.float64()),
     ("silence_ratio", pa.float64()),
+    ("has_clip", pa.bool_()),
+    ("has_latent", pa.bool_()),
+    ("clip_model", pa.string()),
+    ("vae_model", pa.string()),
+    ("latent_frames", pa.int32()),
+    ("visual_tags", pa.list_(pa.string())),  # "category:tag", the best tag of each category
+    ("visual_tag_scores", pa.list_(pa.float32())),
     ("prompt", pa.string()),
     ("prompt_source", pa.string()),
     ("members", pa.list_(pa.string())),
@@ -92,6 +104,8 @@ def index_row(meta: dict[str, Any], shard: str, members: list[str], sample_bytes
     video, audio = probe.get("video") or {}, probe.get("audio") or {}
     prompts = meta.get("prompts") or {}
     chords = [c["label"] for c in music.get("chords", [])]
+    clip_embed, latent = meta.get("clip_embed") or {}, meta.get("latent") or {}
+    best_tags = [(cat, tags[0]) for cat, tags in (meta.get("visual_tags") or {}).items() if tags]
     return {
         "key": meta["key"],
         "shard": shard,
@@ -124,6 +138,13 @@ def index_row(meta: dict[str, Any], shard: str, members: list[str], sample_bytes
         "chords": " ".join(chords),
         "loudness_dbfs": music.get("loudness_dbfs"),
         "silence_ratio": music.get("silence_ratio"),
+        "has_clip": "clip.npy" in members,
+        "has_latent": "latent.npy" in members,
+        "clip_model": clip_embed.get("model"),
+        "vae_model": latent.get("vae"),
+        "latent_frames": latent.get("frames"),
+        "visual_tags": [f"{cat}:{t['tag']}" for cat, t in best_tags],
+        "visual_tag_scores": [t["score"] for _, t in best_tags],
         # The richest prompt level; the json member holds every level.
         "prompt": list(prompts.values())[-1] if prompts else None,
         "prompt_source": (meta.get("prompt_source") or {}).get("composer"),

@@ -45,7 +45,9 @@ def jpg_bytes(rgb: np.ndarray, quality: int = 85) -> bytes:
 
 
 def encode_sample(row: Row, write_audio: bool, write_thumbnail: bool) -> dict[str, bytes]:
-    meta = SampleMeta.model_validate({**row["meta"], "key": row["key"], "schema_version": SCHEMA_VERSION})
+    # Whether the learned features are there, said plainly (their stages may have been skipped).
+    features = {"has_clip": "clip_embeddings" in row, "has_latent": "latent" in row}
+    meta = SampleMeta.model_validate({**row["meta"], **features, "key": row["key"], "schema_version": SCHEMA_VERSION})
     members = {"json": json.dumps(meta.model_dump(exclude_none=True), ensure_ascii=False).encode()}
     for field, member in ARRAY_MEMBERS.items():
         if field in row:

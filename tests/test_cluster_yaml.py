@@ -205,10 +205,12 @@ def test_start_commands_use_token_auth_and_the_autoscaler():
 def test_nodes_install_the_pins_of_this_checkout():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     deps = pyproject["project"]["dependencies"]
-    torch_pin = next(d for d in deps if d.startswith("torch"))
+    torch_pin = next(d for d in deps if d.startswith("torch=="))
+    vision_pin = next(d for d in deps if d.startswith("torchvision=="))
     ray_pin = next(d for d in deps if d.startswith("ray["))
     setup = " ; ".join(raw_config()["setup_commands"])
     assert f'"{torch_pin}"' in setup, "torch preinstalled on nodes must satisfy pyproject's pin"
+    assert f'"{vision_pin}"' in setup, "CPU nodes need torchvision from the same (CPU) index as torch"
     # `pip install -e .` gives the nodes pyproject's Ray; `ray up` wants the same Ray here.
     major_minor = ".".join(ray.__version__.split(".")[:2])
     assert ray_pin.endswith(f"=={major_minor}.*"), (ray_pin, ray.__version__)
