@@ -10,10 +10,16 @@ DEMO_OUT ?= demo_out
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The --no-deps line is test-only: stable-audio-tools' own Oobleck VAE classes, the reference that
+# tests/test_vae.py checks our diffusers conversion against. Its pins clash with ours (torch, pandas,
+# webdataset, gradio), so it and only what `stable_audio_tools.models.autoencoders` imports go in bare.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps stable-audio-tools==0.0.19 alias-free-torch==0.0.6 einops==0.8.1 \
+		einops-exts==0.0.4 k-diffusion==0.1.1 scikit-image==0.26.0 jsonmerge==1.9.2 dctorch==0.1.2 \
+		torchdiffeq==0.2.5 torchsde==0.2.6 trampoline==0.1.2 clean-fid==0.1.35
 	touch $(STAMP)
 
 demo: env

@@ -50,7 +50,10 @@ def test_output_contract(built):
         assert "." not in row["key"]
         assert set(row["members"]) == {"json", "rhythm.npy", "flac", "jpg"} == {k for k in sample if not k.startswith("__")}
         meta = SampleMeta.model_validate(json.loads(sample["json"]))
-        assert meta.key == row["key"] and meta.schema_version == 1
+        assert meta.key == row["key"] and meta.schema_version == 2
+        # No weights on this machine: the model stages were skipped, and the sample says so.
+        assert meta.has_clip is False and meta.has_latent is False
+        assert row["has_clip"] is False and row["has_latent"] is False and row["visual_tags"] == []
         rhythm = np.load(io.BytesIO(sample["rhythm.npy"]), allow_pickle=False)
         assert rhythm.shape == (4, 250) and rhythm.dtype == np.float16
         assert row["tempo_bpm"] == meta.music["tempo_bpm"] and row["key_name"] == meta.music["key"]
@@ -59,6 +62,11 @@ def test_output_contract(built):
     saved = json.loads(runs[0].read_text())
     assert saved["versions"]["ray"].startswith("2.60") and saved["config"]["clip_seconds"] == 10.0
     assert set(saved["stages"]) >= {"probe", "segment", "music_dsp", "visual_rhythm", "template_prompts", "writer"}
+    skipped = saved["skipped_stages"]
+    assert set(skipped) == {"clip_embed", "vae_latents"} and not set(skipped) & set(saved["stages"])
+    # ...and says what to fetch.
+    assert "laion2b_s34b_b79k" in skipped["clip_embed"] or "ViT-B-32" in skipped["clip_embed"]
+    assert "CypressYang/SongBloom" in skipped["vae_latents"] and "autoencoder_music_dsp1920.ckpt" in skipped["vae_latents"]
 
 
 def test_counts_reconcile(built):
