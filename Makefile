@@ -38,6 +38,9 @@ bench: env
 	$(BIN)/python -m bench.pipeline_throughput --videos 24
 	$(BIN)/python -m bench.pipeline_throughput --videos 8 --width 1280 --height 720
 	$(BIN)/python -m bench.music21_accuracy
+	$(BIN)/python -m bench.clip_speed --model ViT-B-32 --frames 256 --batch 64
+	$(BIN)/python -m bench.vae_speed --preset songbloom --seconds 4 --batch 1 --repeat 2
+	$(BIN)/python -m bench.stage_share
 
 clean:
 	rm -rf $(DEMO_OUT) bench/work
