@@ -84,8 +84,6 @@ class ClipEmbed(Stage):
         raise WeightsMissing(f"{first}{alternatives}") from first
 
     def setup(self) -> None:
-        import open_clip
-
         from pipeline.devices import DTYPES, torch_device, torch_dtype
         from stages import clip_model
 
@@ -101,8 +99,7 @@ class ClipEmbed(Stage):
         self.pretrained_name = tag or Path(path).name
         self.dim = clip_model.embed_dim(self.model)
         self.vocabulary = clip_model.load_vocabulary(cfg.tags)
-        tokenizer = open_clip.get_tokenizer(cfg.model)
-        self.tag_emb = clip_model.tag_embeddings(self.model, tokenizer, self.vocabulary, self.device, self.dtype)
+        self.tag_emb = clip_model.cached_tag_embeddings(self.model, cfg.model, path, cfg.tags, self.device, self.dtype)
         self.scale = clip_model.logit_scale(self.model)
 
     def embed(self, clips: list[np.ndarray]) -> list[np.ndarray]:

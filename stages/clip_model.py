@@ -3,6 +3,7 @@ download), preprocess uint8 frames as tensors (no PIL), embed them, and score a 
 vocabulary against them."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from functools import lru_cache
@@ -138,6 +139,33 @@ def tag_embeddings(model, tokenizer, vocabulary: dict, device, dtype) -> dict[st
         emb = F.normalize(emb, dim=-1).view(len(tags), len(templates), -1).mean(1)
         out[category] = F.normalize(emb, dim=-1).cpu().numpy()
     return out
+
+
+def cached_tag_embeddings(model, model_name: str, weights: str, vocabulary_name: str, device, dtype) -> dict[str, np.ndarray]:
+    """`tag_embeddings`, kept on disk per (model, weights file, vocabulary, dtype): on CPU the text
+    tower takes ~30 s over a vocabulary, and every worker of every run would pay it again."""
+    import hashlib
+
+    import open_clip
+
+    vocabulary = load_vocabulary(vocabulary_name)
+    stat = Path(weights).stat()
+    ident = json.dumps([model_name, str(Path(weights).resolve()), stat.st_size, stat.st_mtime_ns, vocabulary, str(dtype)])
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "video-robin" / "clip_tags"
+    path = root / f"{hashlib.blake2b(ident.encode(), digest_size=16).hexdigest()}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as data:
+            if set(data.files) == set(vocabulary["categories"]):
+                return {k: data[k] for k in vocabulary["categories"]}
+    emb = tag_embeddings(model, open_clip.get_tokenizer(model_name), vocabulary, device, dtype)
+    try:  # a cache that cannot be written (read-only home) costs time, not the run
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **emb)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return emb
 
 
 def logit_scale(model) -> float:

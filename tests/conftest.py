@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # No test may reach the Hugging Face hub: weights resolve from local files or fail at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Caches the stages keep (CLIP tag embeddings) go to a fresh folder, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="video-robin-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -169,3 +169,23 @@ def test_stage_end_to_end_with_bad_rows(tiny):
     for r in accepted:
         assert "frames" not in r and r["clip_embeddings"].shape == (40, 32)
         assert all(len(v) == 2 for v in r["meta"]["visual_tags"].values())
+
+
+def test_tag_embeddings_are_cached_on_disk(tiny, stage, tmp_path, monkeypatch):
+    """The second worker loads what the first computed; another dtype is another cache entry."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    name, _, ckpt = tiny
+    fresh = clip_model.tag_embeddings(stage.model, __import__("open_clip").get_tokenizer(name),
+                                      clip_model.load_vocabulary("visual_tags.v1"), stage.device, stage.dtype)
+    first = clip_model.cached_tag_embeddings(stage.model, name, ckpt, "visual_tags.v1", stage.device, stage.dtype)
+    files = list((tmp_path / "video-robin" / "clip_tags").glob("*.npz"))
+    assert len(files) == 1
+    calls = []
+    monkeypatch.setattr(clip_model, "tag_embeddings", lambda *a: calls.append(a) or fresh)
+    second = clip_model.cached_tag_embeddings(stage.model, name, ckpt, "visual_tags.v1", stage.device, stage.dtype)
+    assert calls == []  # served from disk
+    for cat in fresh:
+        np.testing.assert_allclose(first[cat], fresh[cat], atol=1e-6)
+        np.testing.assert_array_equal(second[cat], first[cat])
+    clip_model.cached_tag_embeddings(stage.model, name, ckpt, "visual_tags.v1", stage.device, torch.float16)
+    assert len(calls) == 1 and len(list((tmp_path / "video-robin" / "clip_tags").glob("*.npz"))) == 2
