@@ -86,6 +86,66 @@ class VaeLatentsConfig(Strict):
     on_missing: OnMissing = "fail"
 
 
+class LLMServerConfig(Strict):
+    """A vLLM OpenAI-compatible server the pipeline starts itself: one Ray actor owns the server
+    process, which runs from its own environment (vLLM's pins clash with ours)."""
+
+    python: str = ".venv-vllm/bin/python"  # interpreter of an environment with vllm installed
+    num_gpus: float = 1.0
+    num_cpus: float = 2.0
+    args: list[str] = []  # more `api_server` arguments, e.g. [--max-model-len, "8192"]
+    env: dict[str, str] = {}
+    startup_timeout_s: float = 900.0
+
+
+class LLMEndpointConfig(Strict):
+    """Where an LLM stage sends its requests: a running server (`endpoint`), or one the pipeline
+    starts (`serve: true`). With neither, the stage falls back as its section says."""
+
+    endpoint: str | None = None  # e.g. http://10.0.0.5:8000/v1
+    model: str = ""  # the served model name
+    serve: bool = False
+    server: LLMServerConfig = LLMServerConfig()
+    api_key_env: str | None = None  # name of an environment variable holding the API key
+    max_concurrency: int = 32  # requests in flight per worker
+    timeout_s: float = 120.0  # per request
+    retries: int = 3  # per request, with exponential backoff
+    batch_size: int = 64  # clips per call: enough to keep max_concurrency requests in flight
+    pool_size: int = 2
+    num_cpus: float = 0.25
+
+
+class FusionConfig(LLMEndpointConfig):
+    """prompt_fusion: Qwen3-8B (thinking off) turns caption + measurements + visual tags into
+    normalised attributes and prompts, as JSON that follows a schema."""
+
+    model: str = "Qwen/Qwen3-8B"
+    template: str = "fusion.v1"  # prompts/fusion.v1.txt
+    max_tokens: int = 1024
+    temperature: float = 0.7  # Qwen3's suggested non-thinking sampling
+    top_p: float = 0.8
+    top_k: int = 20
+    attempts: int = 2  # answers that fail validation are asked again, then the template composer
+    tempo_tolerance_pct: float = 4.0  # caption vs measured tempo (octave errors count as agreeing)
+    cache: bool = True  # answers kept by content hash under OUT/cache/, so a resumed run does not ask again
+    drop_vocals: bool = False  # reject clips whose fused attributes say vocals are present
+
+
+class CaptionsConfig(LLMEndpointConfig):
+    """music_captions: MusicFlamingo describes each clip's audio (16 kHz mono)."""
+
+    model: str = "nvidia/music-flamingo-2601-hf"
+    backend: Literal["vllm", "transformers"] = "vllm"
+    prompts: str = "music_caption.v1"  # prompts/music_caption.v1.yaml
+    max_tokens: int = 512
+    temperature: float = 0.2
+    top_p: float = 0.9
+    weights: str | None = None  # transformers backend: a local model folder (else the HF cache/hub)
+    precision: Precision = "auto"
+    num_gpus: float = 0.0  # transformers backend only
+    on_missing: OnMissing = "skip"  # no endpoint / weights: skip the stage (fusion then works without captions)
+
+
 class PromptConfig(Strict):
     template: str = "template.v1"
 
@@ -117,6 +177,8 @@ class Config(Strict):
     visual_rhythm: VisualRhythmConfig = VisualRhythmConfig()
     clip_embed: ClipEmbedConfig = ClipEmbedConfig()
     vae_latents: VaeLatentsConfig = VaeLatentsConfig()
+    captions: CaptionsConfig = CaptionsConfig()
+    llm: FusionConfig = FusionConfig()
     prompts: PromptConfig = PromptConfig()
     writer: WriterConfig = WriterConfig()
     runner: RunnerConfig = RunnerConfig()
