@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.ledger import Ledger, LedgerClient  # noqa: E402
+from pipeline.llm.serving import start_servers  # noqa: E402
 from pipeline.ownership import claim  # noqa: E402
 from pipeline.preflight import prepare_stages  # noqa: E402
 from pipeline.resume import clean_temporaries, scan  # noqa: E402
@@ -81,6 +82,16 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
     if skipped and not quiet:
         for name, why in skipped.items():
             print(f"[build] SKIPPING stage {name}: {why}", flush=True)
+    engine = config.runner.engine
+    where = init_ray(config) if engine == "ray" else "this process"
+    config, servers = start_servers(config, use_ray=engine == "ray", quiet=quiet)
+    try:
+        return _build(input_location, output_dir, config, skipped, servers, started, where, quiet)
+    finally:
+        servers.stop()
+
+
+def _build(input_location: str, output_dir: str, config: Config, skipped: dict, servers, started: float, where: str, quiet: bool) -> dict:
     out = Path(output_dir)
     for folder in ("shards", "index", "rejects", "runs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -91,11 +102,9 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
     paths = list_sources(input_location, config.sources.extensions, config.sources.recursive)
     todo = [p for p in paths if p not in progress.done_paths]
     engine = config.runner.engine
-    where = "this process"
     if engine == "ray":
         import ray
 
-        where = init_ray(config)
         actor = ray.remote(num_cpus=0)(Ledger).options(name=f"ledger-{run_id}", namespace=NAMESPACE).remote(
             str(out), run_id, progress.reject_idents, progress.next_shard
         )
@@ -138,6 +147,7 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
         "stages": snapshot["stages"],
         "counters": snapshot["counters"],
         "skipped_stages": skipped,
+        "llm_servers": servers.describe(),
         "config": config.model_dump(),
         "versions": versions(),
         "output_totals": output_totals(out),

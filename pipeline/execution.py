@@ -73,7 +73,7 @@ class StageRunner:
             else:
                 out_count += 1
                 yield item
-        self._record(len(rows), out_count, seconds, rejects)
+        self._record(len(rows), out_count, seconds, rejects, self.stage.take_counters() or None)
 
     def _record(self, rows_in: int, rows_out: int, seconds: float, rejects: list[dict], counters: dict | None = None) -> None:
         ledger = self.context.ledger

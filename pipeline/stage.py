@@ -91,6 +91,15 @@ class Stage:
         `Reject` per item that cannot go on."""
         raise NotImplementedError
 
+    def count(self, name: str, n: int = 1) -> None:
+        """A run-wide counter (e.g. "composer.llm"), summed by the ledger into the run record."""
+        counters = self.__dict__.setdefault("_counters", {})
+        counters[name] = counters.get(name, 0) + n
+
+    def take_counters(self) -> dict[str, int]:
+        counters, self._counters = self.__dict__.get("_counters", {}), {}
+        return counters
+
     def run(self, rows: list[Row], drop: tuple[str, ...] = ()) -> Iterator[Row | Reject]:
         """`process`, then free the arrays in `drop` that no later stage reads."""
         for item in self.process(rows):

@@ -47,6 +47,10 @@ def format_summary(record: dict[str, Any]) -> str:
         per = s["seconds"] / s["rows_in"] if s["rows_in"] else 0.0
         setup = s.get("setup_seconds", 0.0)
         lines.append(f"{name:<18}{int(s['rows_in']):>8}{int(s['rows_out']):>8}{int(s['rejected']):>10}{s['seconds']:>10.2f}{per:>10.3f}{setup:>10.2f}")
+    if record.get("counters"):
+        lines.append("counters:")
+        for name, value in sorted(record["counters"].items()):
+            lines.append(f"  {name:<40} {value:>8}")
     for name, why in (record.get("skipped_stages") or {}).items():
         lack = {"clip_embed": " (shards say has_clip false)", "vae_latents": " (shards say has_latent false)"}.get(name, "")
         lines.append(f"SKIPPED stage {name}{lack}: {why}")
