@@ -6,6 +6,9 @@ from pipeline.config import Config, _set
 from pipeline.registry import stage_class
 from pipeline.weights import WeightsMissing
 
+# Stages whose settings live under another section name.
+SECTIONS = {"music_captions": "captions", "prompt_fusion": "llm"}
+
 
 def prepare_stages(config: Config) -> tuple[Config, dict[str, str]]:
     """The config the workers run (local weight paths filled in, skipped stages removed) and
@@ -16,8 +19,9 @@ def prepare_stages(config: Config) -> tuple[Config, dict[str, str]]:
         try:
             updates.update(stage_class(name).prepare(config))
         except WeightsMissing as exc:
-            if getattr(getattr(config, name, None), "on_missing", "fail") != "skip":
-                raise WeightsMissing(f"stage {name} cannot run: {exc} (or set {name}.on_missing=skip)") from exc
+            section = SECTIONS.get(name, name)
+            if getattr(getattr(config, section, None), "on_missing", "fail") != "skip":
+                raise WeightsMissing(f"stage {name} cannot run: {exc} (or set {section}.on_missing=skip)") from exc
             skipped[name] = str(exc)
     data = config.model_dump()
     for key, value in updates.items():

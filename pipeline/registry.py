@@ -14,6 +14,8 @@ STAGES = {
     "visual_rhythm": "stages.visual_rhythm:VisualRhythm",
     "clip_embed": "stages.clip_embed:ClipEmbed",
     "vae_latents": "stages.vae_latents:VaeLatents",
+    "music_captions": "stages.music_captions:MusicCaptions",
+    "prompt_fusion": "stages.prompt_fusion:PromptFusion",
     "template_prompts": "stages.template_prompts:TemplatePrompts",
     "writer": "shards.writer:Writer",
 }
