@@ -82,6 +82,9 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
     if skipped and not quiet:
         for name, why in skipped.items():
             print(f"[build] SKIPPING stage {name}: {why}", flush=True)
+    if "prompt_fusion" in config.stages and not (config.llm.endpoint or config.llm.serve) and not quiet:
+        print("[build] prompt_fusion: no llm.endpoint configured (nor llm.serve): prompts come from the "
+              f"template composer ({config.prompts.template}), flagged llm_fallback=no_endpoint", flush=True)
     engine = config.runner.engine
     where = init_ray(config) if engine == "ray" else "this process"
     config, servers = start_servers(config, use_ray=engine == "ray", quiet=quiet)

@@ -184,7 +184,8 @@ class Config(Strict):
     runner: RunnerConfig = RunnerConfig()
     stages: list[str] = Field(
         default_factory=lambda: [
-            "probe", "segment", "music_dsp", "visual_rhythm", "clip_embed", "vae_latents", "template_prompts", "writer",
+            "probe", "segment", "music_dsp", "visual_rhythm", "clip_embed", "vae_latents", "music_captions",
+            "prompt_fusion", "writer",
         ]
     )
 

@@ -6,7 +6,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 2  # 2: CLIP embeddings, visual tags and VAE latents
+SCHEMA_VERSION = 3  # 2: CLIP embeddings, visual tags, VAE latents; 3: captions, fused attributes and prompts
 
 # Row field -> tar member name. Arrays are stored as .npy (never pickled).
 ARRAY_MEMBERS = {
@@ -45,6 +45,8 @@ class SampleMeta(BaseModel):
     clip_embed: dict[str, Any] | None = None  # model, pretrained, dim, fps, precision of clip.npy
     visual_tags: dict[str, list[dict[str, Any]]] | None = None  # category -> [{tag, score}], best first
     latent: dict[str, Any] | None = None  # VAE preset, rate, hop, channels, frames of latent.npy
+    captions: dict[str, Any] | None = None  # MusicFlamingo answers per prompt id, model, backend, errors
+    fused: dict[str, Any] | None = None  # prompt_fusion: attributes, disagreements, provenance
     prompts: dict[str, str] | None = None
     prompt_source: dict[str, Any] | None = None
     flags: dict[str, Any] = {}
@@ -89,8 +91,19 @@ INDEX_SCHEMA = pa.schema([
     ("latent_frames", pa.int32()),
     ("visual_tags", pa.list_(pa.string())),  # "category:tag", the best tag of each category
     ("visual_tag_scores", pa.list_(pa.float32())),
+    ("caption", pa.string()),  # MusicFlamingo's rich caption
+    ("genres", pa.list_(pa.string())),
+    ("moods", pa.list_(pa.string())),
+    ("instruments", pa.list_(pa.string())),
+    ("emotion", pa.string()),
+    ("energy", pa.string()),
+    ("vocals_present", pa.bool_()),
+    ("time_signature", pa.string()),
+    ("llm_disagreements", pa.list_(pa.string())),  # fields where captions disagreed with measurements
     ("prompt", pa.string()),
     ("prompt_source", pa.string()),
+    ("prompt_fallback_reason", pa.string()),
+    ("prompts", pa.list_(pa.struct([("level", pa.string()), ("text", pa.string())]))),
     ("members", pa.list_(pa.string())),
     ("flags", pa.list_(pa.string())),
     ("sample_bytes", pa.int64()),
@@ -105,6 +118,9 @@ def index_row(meta: dict[str, Any], shard: str, members: list[str], sample_bytes
     prompts = meta.get("prompts") or {}
     chords = [c["label"] for c in music.get("chords", [])]
     clip_embed, latent = meta.get("clip_embed") or {}, meta.get("latent") or {}
+    fused = (meta.get("fused") or {}).get("attributes") or {}
+    disagreements = (meta.get("fused") or {}).get("disagreements") or []
+    composer = meta.get("prompt_source") or {}
     best_tags = [(cat, tags[0]) for cat, tags in (meta.get("visual_tags") or {}).items() if tags]
     return {
         "key": meta["key"],
@@ -145,9 +161,20 @@ def index_row(meta: dict[str, Any], shard: str, members: list[str], sample_bytes
         "latent_frames": latent.get("frames"),
         "visual_tags": [f"{cat}:{t['tag']}" for cat, t in best_tags],
         "visual_tag_scores": [t["score"] for _, t in best_tags],
-        # The richest prompt level; the json member holds every level.
-        "prompt": list(prompts.values())[-1] if prompts else None,
-        "prompt_source": (meta.get("prompt_source") or {}).get("composer"),
+        "caption": ((meta.get("captions") or {}).get("answers") or {}).get("caption"),
+        "genres": fused.get("genres", []),
+        "moods": fused.get("moods", []),
+        "instruments": fused.get("instruments", []),
+        "emotion": fused.get("emotion"),
+        "energy": fused.get("energy"),
+        "vocals_present": fused.get("vocals_present"),
+        "time_signature": fused.get("time_signature"),
+        "llm_disagreements": sorted({d.get("field", "?") for d in disagreements}),
+        # The most specified level (the LLM's full_spec, the template's last); `prompts` holds all.
+        "prompt": prompts.get("full_spec") or (list(prompts.values())[-1] if prompts else None),
+        "prompt_source": composer.get("composer"),
+        "prompt_fallback_reason": composer.get("fallback_reason"),
+        "prompts": [{"level": k, "text": v} for k, v in prompts.items()],
         "members": members,
         "flags": sorted(k for k, v in (meta.get("flags") or {}).items() if v),
         "sample_bytes": sample_bytes,

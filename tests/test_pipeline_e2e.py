@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.build import build
-from shards.schema import SampleMeta
+from shards.schema import SCHEMA_VERSION, SampleMeta
 
 from helpers import load_truth, small_config
 
@@ -50,7 +50,7 @@ def test_output_contract(built):
         assert "." not in row["key"]
         assert set(row["members"]) == {"json", "rhythm.npy", "flac", "jpg"} == {k for k in sample if not k.startswith("__")}
         meta = SampleMeta.model_validate(json.loads(sample["json"]))
-        assert meta.key == row["key"] and meta.schema_version == 2
+        assert meta.key == row["key"] and meta.schema_version == SCHEMA_VERSION == 3
         # No weights on this machine: the model stages were skipped, and the sample says so.
         assert meta.has_clip is False and meta.has_latent is False
         assert row["has_clip"] is False and row["has_latent"] is False and row["visual_tags"] == []
@@ -61,9 +61,14 @@ def test_output_contract(built):
     assert len(runs) == 1
     saved = json.loads(runs[0].read_text())
     assert saved["versions"]["ray"].startswith("2.60") and saved["config"]["clip_seconds"] == 10.0
-    assert set(saved["stages"]) >= {"probe", "segment", "music_dsp", "visual_rhythm", "template_prompts", "writer"}
+    assert set(saved["stages"]) >= {"probe", "segment", "music_dsp", "visual_rhythm", "prompt_fusion", "writer"}
     skipped = saved["skipped_stages"]
-    assert set(skipped) == {"clip_embed", "vae_latents"} and not set(skipped) & set(saved["stages"])
+    assert set(skipped) == {"clip_embed", "vae_latents", "music_captions"} and not set(skipped) & set(saved["stages"])
+    assert "captions.endpoint" in skipped["music_captions"]
+    # No LLM endpoint: every prompt came from the template composer, and the run says so.
+    n = record["counts"]["clips_written"]
+    assert saved["counters"]["prompt_fusion.composer.template"] == n == saved["counters"]["prompt_fusion.fallback.no_endpoint"]
+    assert {(r["prompt_source"], r["prompt_fallback_reason"]) for r in index} == {("template", "no_endpoint")}
     # ...and says what to fetch.
     assert "laion2b_s34b_b79k" in skipped["clip_embed"] or "ViT-B-32" in skipped["clip_embed"]
     assert "CypressYang/SongBloom" in skipped["vae_latents"] and "autoencoder_music_dsp1920.ckpt" in skipped["vae_latents"]
