@@ -70,3 +70,26 @@ def test_server_down_every_clip_flagged_none_lost(ray_local, media_dir, tmp_path
     index = pads.dataset(str(out / "index")).to_table(columns=["prompt_source", "prompt_fallback_reason"]).to_pylist()
     assert {(r["prompt_source"], r["prompt_fallback_reason"]) for r in index} == {("template", "unavailable")}
     assert record["counters"]["prompt_fusion.fallback.unavailable"] == c["clips_written"]
+
+
+def test_the_pipeline_starts_and_stops_its_own_server(ray_local, media_dir, qwen_server, tmp_path):
+    """llm.serve=true (the cluster preset's way): a Ray actor owns a vLLM process for the run, the
+    stage is pointed at it, and it is gone when the run ends."""
+    from conftest import QWEN_SERVER_ARGS, QWEN_SERVER_ENV, VLLM_PYTHON
+
+    config = small_config(**{"llm.serve": "true", "llm.model": qwen_server["model_dir"],
+                             "llm.server.num_gpus": "0", "llm.server.num_cpus": "0", "llm.max_tokens": 1024})
+    config.llm.server.python = str(VLLM_PYTHON)
+    config.llm.server.args = list(QWEN_SERVER_ARGS)
+    config.llm.server.env = dict(QWEN_SERVER_ENV)
+    out = tmp_path / "served"
+    record = build(str(media_dir / "video_0.mp4"), str(out), config, quiet=True)
+    url = record["llm_servers"]["llm"]
+    assert url.startswith("http://") and record["config"]["llm"]["endpoint"] == url
+    counters = record["counters"]
+    assert counters.get("prompt_fusion.fallback.no_endpoint", 0) == 0
+    assert counters.get("prompt_fusion.composer.llm", 0) + counters.get("prompt_fusion.composer.template", 0) == record["counts"]["clips_written"] > 0
+    assert counters.get("prompt_fusion.fallback.unavailable", 0) == 0  # the server was up for the whole run
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with pytest.raises(OSError):  # ...and is gone now
+        socket.create_connection((host, int(port)), timeout=2).close()

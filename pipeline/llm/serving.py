@@ -3,6 +3,7 @@ vLLM server (a Ray actor on a GPU node owning the server process, or a local pro
 single-process loop), point the section's `endpoint` at it, and stop them all when the run ends."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +18,11 @@ class Servers:
     started: list[tuple[str, Any, str]] = field(default_factory=list)  # (section, handle, base_url)
 
     def stop(self) -> None:
-        from pipeline.llm.server import stop_server_actor
+        from pipeline.llm.server import VllmServer, stop_server_actor
 
         for section, handle, _ in reversed(self.started):
             try:
-                if hasattr(handle, "stop"):  # a local VllmServer
+                if isinstance(handle, VllmServer):  # the single-process loop's own server
                     handle.stop()
                 else:
                     stop_server_actor(handle)
@@ -47,13 +48,16 @@ def start_servers(config: Config, use_ray: bool, quiet: bool = False) -> tuple[C
             if use_ray:
                 from pipeline.llm.server import start_server_actor
 
-                handle, url = start_server_actor(f"{section}-server", cfg)
+                handle, url = start_server_actor(f"{section}-server-{uuid.uuid4().hex[:6]}", cfg)
             else:
                 from pipeline.llm.server import VllmServer
 
-                handle = VllmServer(cfg)
+                handle = VllmServer.from_section(cfg)
+                servers.started.append((section, handle, ""))  # stopped even if it never comes up
                 handle.start()
+                handle.wait_ready()
                 url = handle.base_url
+                servers.started.pop()
             servers.started.append((section, handle, url))
             _set(data, [section, "endpoint"], url)
             if not quiet:
