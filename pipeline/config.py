@@ -68,7 +68,7 @@ class ClipEmbedConfig(Strict):
     precision: Precision = "auto"
     batch_size: int = 8  # clips per call; every clip brings clip_seconds x frame_fps frames
     num_gpus: float = 0.0  # a fraction lets CLIP share a GPU with the VAE and the LLM servers
-    num_cpus: float = 0.5
+    num_cpus: float = 0.0  # reserves no CPU: a 1- or 2-CPU Ray must still run the decode tasks
     pool_size: int = 1
     on_missing: OnMissing = "fail"  # no weights: fail the run, or skip the stage and say so
 
@@ -81,7 +81,7 @@ class VaeLatentsConfig(Strict):
     precision: Precision = "auto"
     batch_size: int = 4
     num_gpus: float = 0.0
-    num_cpus: float = 0.5
+    num_cpus: float = 0.0  # reserves no CPU: a 1- or 2-CPU Ray must still run the decode tasks
     pool_size: int = 1
     on_missing: OnMissing = "fail"
 
@@ -111,8 +111,8 @@ class LLMEndpointConfig(Strict):
     timeout_s: float = 120.0  # per request
     retries: int = 3  # per request, with exponential backoff
     batch_size: int = 64  # clips per call: enough to keep max_concurrency requests in flight
-    pool_size: int = 2
-    num_cpus: float = 0.25
+    pool_size: int = 1
+    num_cpus: float = 0.0  # waits on HTTP; reserving CPU would starve the decode tasks on small Rays
 
 
 class FusionConfig(LLMEndpointConfig):

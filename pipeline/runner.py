@@ -108,8 +108,29 @@ def _dataset(rows: list[Row]):
     return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
 
 
+def warn_if_starved(config: Config, context: RunContext) -> str | None:
+    """Actor pools hold their CPUs for the whole run: if they leave less than the biggest task
+    needs, Ray Data waits forever. Say so up front (a warning: an autoscaler may still add nodes)."""
+    import ray
+
+    from pipeline.registry import stage_class
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    res = {name: stage_class(name)(config, context).resources for name in config.stages}
+    held = sum(r.num_cpus for r in res.values() if r.pool_size)
+    task = max((r.num_cpus for r in res.values() if not r.pool_size), default=0.0)
+    if held + task <= total:
+        return None
+    pools = ", ".join(f"{n}={r.num_cpus:g}" for n, r in res.items() if r.pool_size and r.num_cpus)
+    message = (f"[build] WARNING: actor pools hold {held:g} of this Ray's {total:g} CPUs ({pools}) and a task needs "
+               f"{task:g}: the run may wait forever for CPUs; lower those stages' num_cpus or add CPUs")
+    print(message, flush=True)
+    return message
+
+
 def run_ray(config: Config, context: RunContext, paths: list[str], done_source_ids: dict[str, str] | None = None, on_written: Callable[[int], None] = lambda n: None) -> int:
     from pipeline.execution import to_rows
+    warn_if_starved(config, context)
 
     first, *rest = config.stages
     if not paths:

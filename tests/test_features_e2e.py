@@ -52,7 +52,8 @@ def npy(data: bytes) -> np.ndarray:
 
 def test_shards_carry_clip_latents_and_tags(built):
     out, record, samples = built
-    assert record["skipped_stages"] == {} and {"clip_embed", "vae_latents"} <= set(record["stages"])
+    assert set(record["skipped_stages"]) == {"music_captions"}  # no MusicFlamingo endpoint here
+    assert {"clip_embed", "vae_latents"} <= set(record["stages"])
     assert record["counts"]["clips_reconcile"] and len(samples) == record["counts"]["clips_written"] > 3
     frames = int(10 * 4)  # clip_seconds x frame_fps
     for key, sample in samples.items():
