@@ -154,7 +154,7 @@ def test_prepare_local_file_and_errors(tiny, tmp_path, monkeypatch):
 
 def test_stage_end_to_end_with_bad_rows(tiny):
     s = ClipEmbed(tiny_config(tiny, **{"clip_embed.batch_size": 5, "clip_embed.top_k": 2}))
-    assert (s.resources.batch_size, s.resources.pool_size, s.resources.num_cpus) == (5, 1, 0.5)
+    assert (s.resources.batch_size, s.resources.pool_size, s.resources.num_cpus) == (5, 1, 0.0)
     s.setup()
     rows = [clip_row(f"ok{i}", frames(10 + i)) for i in range(3)]
     rows += [clip_row("empty", np.zeros((0, 224, 224, 3), np.uint8)),

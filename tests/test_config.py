@@ -43,5 +43,8 @@ def test_arrays_are_freed_after_their_last_consumer():
     drops = drops_after(load_config(None, []).stages)
     assert set(drops["visual_rhythm"]) == {"onset_25hz", "beat_25hz", "motion_25hz"}
     assert {"frames", "audio48"} <= set(drops["writer"])
-    assert "audio16" in drops["music_dsp"]
+    # audio16 lives until MusicFlamingo has heard it; without that stage, music_dsp is its last reader.
+    assert "audio16" in drops["music_captions"] and "audio16" not in drops["music_dsp"]
+    without = [s for s in load_config(None, []).stages if s != "music_captions"]
+    assert "audio16" in drops_after(without)["music_dsp"]
     assert drops["probe"] == drops["segment"] == ()

@@ -116,7 +116,13 @@ class LLMClient:
             return [m["id"] for m in json.loads(resp.read())["data"]]
 
     def close(self) -> None:
-        if self._loop is not None:
-            self._loop.run_until_complete(self._client.close())
-            self._loop.close()
-            self._loop = self._client = None
+        loop, client, self._loop, self._client = self._loop, self._client, None, None
+        if loop is None or loop.is_closed():
+            return
+        try:
+            asyncio.get_running_loop()
+            return  # called (e.g. by __del__) inside another running loop: leave the sockets to the GC
+        except RuntimeError:
+            pass
+        loop.run_until_complete(client.close())
+        loop.close()
