@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_only": run(inputs, WORK / "out_cpu_only", {"clip_embed.on_missing": "skip", "vae_latents.on_missing": "skip"}),
         "with_models": run(inputs, WORK / "out_models", overrides),
     }
-    assert res["cpu_only"]["skipped"] == ["clip_embed", "vae_latents"] and not res["with_models"]["skipped"]
+    models = {"clip_embed", "vae_latents"}
+    assert models <= set(res["cpu_only"]["skipped"]) and not models & set(res["with_models"]["skipped"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"stage_share_{device}.json").write_text(json.dumps(res, indent=2))
     (RESULTS / f"stage_share_{device}.md").write_text(table(res))
