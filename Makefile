@@ -3,6 +3,10 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# PyPI downloads of the large CUDA wheels are cut off now and then (CI once died at 187 of 228 MB):
+# pip resumes within a try, and a failed try is repeated; pip's cache keeps the finished wheels.
+PIP := $(BIN)/pip --retries 10 --resume-retries 10
+retry = for i in 1 2 3; do $(1) && exit 0; echo "pip failed (try $$i of 3), retrying in 30 s" >&2; sleep 30; done; exit 1
 DEMO_IN ?= demo_videos
 DEMO_OUT ?= demo_out
 
@@ -16,8 +20,8 @@ env: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps stable-audio-tools==0.0.19 alias-free-torch==0.0.6 einops==0.8.1 \
+	$(call retry,$(PIP) install --quiet -e ".[dev]")
+	$(PIP) install --quiet --no-deps stable-audio-tools==0.0.19 alias-free-torch==0.0.6 einops==0.8.1 \
 		einops-exts==0.0.4 k-diffusion==0.1.1 scikit-image==0.26.0 jsonmerge==1.9.2 dctorch==0.1.2 \
 		torchdiffeq==0.2.5 torchsde==0.2.6 trampoline==0.1.2 clean-fid==0.1.35
 	touch $(STAMP)
@@ -49,6 +53,9 @@ bench: env vllm-env
 	$(BIN)/python -m bench.vae_speed --preset songbloom --seconds 4 --batch 1 --repeat 2
 	$(BIN)/python -m bench.stage_share
 	$(BIN)/python -m bench.llm_throughput
+	$(BIN)/python -m bench.train_speed
+	$(BIN)/python -m bench.loader_speed
+	$(BIN)/python -m bench.browse_scale
 
 bench-llm: env vllm-env
 	$(BIN)/python -m bench.llm_throughput

@@ -22,12 +22,21 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
 fi
 t0=$(date +%s)
 # pip warns about every missing local index folder on these machines: keep the rest of its output.
-pip_() { "$VENV/bin/pip" "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+# Large wheel downloads are cut off now and then: pip resumes within a try, and a failed try is
+# repeated (pip's cache keeps what finished).
+pip_() {
+    local i
+    for i in 1 2 3; do
+        "$VENV/bin/pip" "$@" --retries 10 2> >(grep -v "is ignored: it is neither" >&2) && return 0
+        echo "pip $1 failed (try $i of 3)" >&2; sleep 30
+    done
+    return 1
+}
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
 pip_ install --quiet --upgrade pip
 pip_ install --quiet "$TORCH_SPEC"
 pip_ install --quiet "$VLLM_PACKAGE" "$TORCH_SPEC" "transformers<5.20"
-pip_ uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 # A smoke test: vllm's OpenAI server module and the tokenizer trainer (tests/tiny_qwen.py) import.
 "$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server, tokenizers, transformers, safetensors"
 echo "$WANT" > "$STAMP"
