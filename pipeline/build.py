@@ -75,6 +75,23 @@ def output_totals(out: Path) -> dict[str, int]:
     return {"samples": rows("index"), "rejects": rows("rejects"), "shards": len(list((out / "shards").glob("*.tar")))}
 
 
+def shard_checksums(out: Path, first: int, stop: int) -> dict[str, dict]:
+    """{shard name: {sha256, bytes, samples}} of the shards this run committed (read from the
+    metadata of their index files, the commit point; a named shard never committed is absent)."""
+    import pyarrow.parquet as pq
+
+    from shards.schema import shard_checksum
+
+    shards = {}
+    for i in range(first, stop):
+        path = out / "index" / f"{i:06d}.parquet"
+        if path.exists():
+            meta = shard_checksum(pq.read_schema(path).metadata)
+            if meta:
+                shards[meta.pop("shard")] = meta
+    return shards
+
+
 def build(input_location: str, output_dir: str, config: Config, quiet: bool = False) -> dict:
     """Run the pipeline; returns the run record (also written to OUT/runs/<run_id>.json)."""
     started = time.time()
@@ -146,6 +163,7 @@ def _build(input_location: str, output_dir: str, config: Config, skipped: dict, 
         "temporaries_removed": removed,
         "counts": counts,
         "shards_written": snapshot["shards_named"] - progress.next_shard,
+        "shards": shard_checksums(out, progress.next_shard, snapshot["shards_named"]),
         "rejects": snapshot["reasons"],
         "stages": snapshot["stages"],
         "counters": snapshot["counters"],

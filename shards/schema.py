@@ -1,12 +1,29 @@
-"""The on-disk sample: its JSON member (validated), its array members, and its index row."""
+"""The on-disk sample: its JSON member (validated), its array members, and its index row.
+
+The index (`OUT/index/NNNNNN.parquet`, one file per shard, `INDEX_SCHEMA`) is a plain parquet
+dataset: `pyarrow.dataset.dataset("OUT/index")`. Rows carry `schema_version`; bump SCHEMA_VERSION
+when a column or a JSON section changes meaning. List columns (`moods`, `genres`, `instruments`,
+`visual_tags`, `flags`, `members`) and `prompts` (a list of {level, text} structs) are nested, so
+they filter with `pyarrow.compute.list_*` without opening a tar. Each index file's key-value
+metadata holds its shard's checksum under SHARD_META_KEY: {shard, sha256, bytes, samples}."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 SCHEMA_VERSION = 3  # 2: CLIP embeddings, visual tags, VAE latents; 3: captions, fused attributes and prompts
+
+SHARD_META_KEY = b"video_robin.shard"  # index file metadata: the JSON checksum of its tar
+
+
+def shard_checksum(metadata: dict[bytes, bytes] | None) -> dict[str, Any] | None:
+    """{shard, sha256, bytes, samples} from an index file's schema metadata (None for old files)."""
+    raw = (metadata or {}).get(SHARD_META_KEY)
+    return json.loads(raw) if raw else None
+
 
 # Row field -> tar member name. Arrays are stored as .npy (never pickled).
 ARRAY_MEMBERS = {

@@ -5,6 +5,7 @@ A shard is written under a hidden temporary name, fsynced, then renamed; its ind
 a key in `OUT/index/` is always readable from its tar."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ownership import check
 from pipeline.stage import Reject, Resources, Row, Stage
-from shards.schema import ARRAY_MEMBERS, INDEX_SCHEMA, SCHEMA_VERSION, SampleMeta, index_row
+from shards.schema import ARRAY_MEMBERS, INDEX_SCHEMA, SCHEMA_VERSION, SHARD_META_KEY, SampleMeta, index_row
 
 MTIME = 1_700_000_000  # fixed member times: the same samples give byte-identical tars
 
@@ -59,6 +60,21 @@ def encode_sample(row: Row, write_audio: bool, write_thumbnail: bool) -> dict[st
     return members
 
 
+class _HashingFile:
+    """Hashes and counts the bytes written through it: the shard's checksum costs no second read."""
+
+    def __init__(self, f):
+        self._f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
@@ -76,7 +92,8 @@ class ShardSink:
         self.tmp = out_dir / "shards" / f".{name}.tar.tmp"
         self.index_path = out_dir / "index" / f"{name}.parquet"
         self._file = open(self.tmp, "wb")
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=MTIME)
+        self._hashing = _HashingFile(self._file)
+        self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=MTIME)
         self.rows: list[dict[str, Any]] = []
         self.bytes = 0
 
@@ -89,14 +106,20 @@ class ShardSink:
     def close(self) -> None:
         """Commit: the tar under its final name, then its index file (the commit point). A run
         that lost the folder to a newer run commits nothing."""
-        self._tar.close()  # also closes the file
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
+        self._tar.close()  # a tar stream on a file object it did not open leaves the file open
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        # The shard's checksum rides in its index file's metadata; the run record copies it from there.
+        self.checksum = {"shard": self.final.name, "sha256": self._hashing.sha256.hexdigest(),
+                         "bytes": self._hashing.bytes, "samples": len(self.rows)}
+        table = pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA)
+        table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(self.checksum)})
         try:
             check(self.out_dir, self.run_id)
             os.replace(self.tmp, self.final)
             check(self.out_dir, self.run_id)
-            _atomic_parquet(pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA), self.index_path)
+            _atomic_parquet(table, self.index_path)
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             if not self.index_path.exists():
