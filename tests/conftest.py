@@ -15,6 +15,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="video-robin-test-cache-")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP's spin
+    waits make steps stall for seconds; one thread keeps the timings steady."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
@@ -33,6 +45,38 @@ def media_dir(tmp_path_factory) -> Path:
     for i in range(3):
         make_video(folder / f"video_{i}.mp4", seconds=24.0, seed=10 + i)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_feature_models(tmp_path_factory) -> dict[str, str]:
+    """Config overrides that load a tiny random CLIP and a tiny random VAE (8 latent channels, 25 Hz)
+    through the same code as real weights."""
+    from tiny_clip import make_tiny_clip
+    from tiny_vae import make_tiny_vae
+
+    folder = tmp_path_factory.mktemp("models")
+    clip_name, clip_config, clip_ckpt = make_tiny_clip(folder)
+    vae_config, vae_ckpt = make_tiny_vae(folder)
+    return {
+        "clip_embed.model": clip_name, "clip_embed.config_file": str(clip_config),
+        "clip_embed.pretrained": str(clip_ckpt), "clip_embed.on_missing": "fail",
+        "vae_latents.preset": "tiny", "vae_latents.config_file": str(vae_config),
+        "vae_latents.checkpoint": str(vae_ckpt), "vae_latents.on_missing": "fail",
+    }
+
+
+@pytest.fixture(scope="session")
+def feature_shards(ray_local, media_dir, tiny_feature_models, tmp_path_factory):
+    """(OUT, run record) of one real pipeline run over `media_dir` with the tiny CLIP and VAE: shards
+    with clip.npy, latent.npy, rhythm.npy, flac, jpg and template prompts (6 clips in 2 shards).
+    Shared by the feature, browse and trainer tests; treat it as read-only (copy it to damage it)."""
+    from pipeline.build import build
+
+    from helpers import small_config
+
+    out = tmp_path_factory.mktemp("features")
+    record = build(str(media_dir), str(out), small_config(**tiny_feature_models), quiet=True)
+    return out, record
 
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"

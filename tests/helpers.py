@@ -19,3 +19,32 @@ def small_config(**overrides):
         "clip_embed.on_missing": "skip", "vae_latents.on_missing": "skip", **overrides,
     }
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def stable_audio_tools_stand_ins() -> None:
+    """Two modules in stable-audio-tools' import chain cannot be imported here; each gets a stand-in
+    that only satisfies the import (shared, so tests in one session agree on what they see):
+      torchaudio  PyPI's wheels are CUDA 13.0 builds that refuse to load beside torch 2.15+cu132
+                  ("compiled with different CUDA versions"); stable-audio-tools uses only
+                  torchaudio.transforms.Resample, in pretransforms and input preprocessing.
+      clip        OpenAI CLIP (clip-anytorch) imports pkg_resources, gone from setuptools >= 81;
+                  only k_diffusion.evaluation (FID/CLIP metrics) imports it."""
+    import importlib
+    import sys
+    import types
+
+    import torch
+
+    for name in ("torchaudio", "clip"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - not installed, or installed but unloadable
+            for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                del sys.modules[mod]
+            stub = types.ModuleType(name)
+            stub.__path__ = []  # a package, so `from torchaudio import transforms` finds the submodule
+            sys.modules[name] = stub
+            if name == "torchaudio":
+                transforms = types.ModuleType("torchaudio.transforms")
+                transforms.Resample = type("Resample", (torch.nn.Module,), {})  # never constructed
+                stub.transforms = sys.modules["torchaudio.transforms"] = transforms

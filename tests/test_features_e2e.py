@@ -13,32 +13,18 @@ import pyarrow.dataset as pads
 import pytest
 import webdataset as wds
 
-from pipeline.build import build
-
-from helpers import small_config
-from tiny_clip import make_tiny_clip
-from tiny_vae import make_tiny_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    clip_name, clip_config, clip_ckpt = make_tiny_clip(folder)
-    vae_config, vae_ckpt = make_tiny_vae(folder)
-    return {
-        "clip_embed.model": clip_name, "clip_embed.config_file": str(clip_config),
-        "clip_embed.pretrained": str(clip_ckpt), "clip_embed.on_missing": "fail",
-        "vae_latents.preset": "tiny", "vae_latents.config_file": str(vae_config),
-        "vae_latents.checkpoint": str(vae_ckpt), "vae_latents.on_missing": "fail",
-    }
+def tiny_models(tiny_feature_models):
+    return tiny_feature_models
 
 
 @pytest.fixture(scope="module")
-def built(ray_local, media_dir, tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("features")
-    record = build(str(media_dir), str(out), small_config(**tiny_models), quiet=True)
+def built(feature_shards):
+    out, record = feature_shards
     samples = {}
     for tar in sorted((out / "shards").glob("*.tar")):
         for sample in wds.WebDataset(str(tar), shardshuffle=False):

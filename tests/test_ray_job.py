@@ -83,14 +83,40 @@ def test_ray_job_submit_against_a_local_head(head, tmp_path):
     no_token = subprocess.run(submit, env={**env, "RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120)
     assert no_token.returncode != 0 and "token" in (no_token.stdout + no_token.stderr).lower()
 
+    code, log = submit_when_ready(submit, env)
+    assert code == 0, log[-4000:]
+    assert "succeeded" in log.lower() and "counts reconcile" in log
+    assert "embedded local Ray" not in log  # it attached to the cluster
+    keys = pads.dataset(str(out / "index")).to_table(columns=["key"]).column("key").to_pylist()
+    assert len(keys) == 2 and len(list((out / "runs").glob("*.json"))) == 1
+
+
+def submit_when_ready(submit: list[str], env: dict) -> tuple[int, str]:
     for _ in range(30):  # the job agent starts a little after the dashboard answers
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
         log = done.stdout + done.stderr
         if "No available agent" not in log:
             break
         time.sleep(2)
-    assert done.returncode == 0, log[-4000:]
-    assert "succeeded" in log.lower() and "counts reconcile" in log
-    assert "embedded local Ray" not in log  # it attached to the cluster
-    keys = pads.dataset(str(out / "index")).to_table(columns=["key"]).column("key").to_pylist()
-    assert len(keys) == 2 and len(list((out / "runs").glob("*.json"))) == 1
+    return done.returncode, log
+
+
+def test_training_under_ray_job_submit(head, feature_shards, tmp_path):
+    """model/train.py --workers 2 as a Ray job: it attaches to the cluster (no local Ray of its own),
+    runs DDP on two gloo workers there and writes its checkpoint into the (absolute) --out."""
+    import json
+
+    env, address = head
+    shards, _ = feature_shards
+    run = tmp_path / "run"
+    code, log = submit_when_ready(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+         "python", "model/train.py", "--stage", "t2m", "--shards", str(shards), "--out", str(run), "--preset", "debug",
+         "--workers", "2", "--steps", "3", "--batch-size", "2", "--num-workers", "0", "--warmup", "1",
+         "--stats-batches", "1", "--log-every", "1", "--no-tensorboard"], env)
+    assert code == 0, log[-4000:]
+    assert "succeeded" in log.lower()
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["world_size"], r["step"]) for r in ranks] == [(2, 3), (2, 3)]
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]  # DDP kept the two ranks identical
+    assert len(list((run / "checkpoints").glob("*.pt"))) == 1

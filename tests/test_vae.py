@@ -4,14 +4,12 @@ the audio plumbing (mono, padding, resampling) and the vae_latents stage, on the
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
+from helpers import stable_audio_tools_stand_ins
 from tiny_vae import make_tiny_vae, randomize_, tiny_spec
 
 from model.oobleck import PRESETS, VaeConfigError, diffusers_to_sat, parse_config, sat_to_diffusers
@@ -28,27 +26,10 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def import_stable_audio_tools():
-    """stable-audio-tools' own Oobleck classes (installed --no-deps by the Makefile). Two modules in
-    its import chain cannot be imported here; each gets a stand-in that only satisfies the import,
-    and neither is reached by OobleckEncoder / OobleckDecoder / VAEBottleneck / AudioAutoencoder.encode:
-      torchaudio  PyPI's wheels are CUDA 13.0 builds that refuse to load beside torch 2.15+cu132
-                  ("compiled with different CUDA versions"); stable-audio-tools uses only
-                  torchaudio.transforms.Resample, in pretransforms and input preprocessing.
-      clip        OpenAI CLIP (clip-anytorch) imports pkg_resources, gone from setuptools >= 81;
-                  only k_diffusion.evaluation (FID/CLIP metrics) imports it."""
-    for name in ("torchaudio", "clip"):
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - not installed, or installed but unloadable
-            for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-                del sys.modules[mod]
-            stub = types.ModuleType(name)
-            stub.__path__ = []  # a package, so `from torchaudio import transforms` finds the submodule
-            sys.modules[name] = stub
-            if name == "torchaudio":
-                transforms = types.ModuleType("torchaudio.transforms")
-                transforms.Resample = type("Resample", (torch.nn.Module,), {})  # never constructed
-                stub.transforms = sys.modules["torchaudio.transforms"] = transforms
+    """stable-audio-tools' own Oobleck classes (installed --no-deps by the Makefile), behind the
+    stand-ins of `helpers.stable_audio_tools_stand_ins` (neither is reached by OobleckEncoder /
+    OobleckDecoder / VAEBottleneck / AudioAutoencoder.encode)."""
+    stable_audio_tools_stand_ins()
     from stable_audio_tools.models import autoencoders
 
     return autoencoders

@@ -1,0 +1,127 @@
+"""Video in, audio out for generation: the conditions Video-Robin reads from a video (CLIP frames
+nearest each patch's centre, the cut and motion rhythm channels), decoded with the pipeline's own
+code (stages/decode.py, stages/segment.py), and writing the result (a wav, and the input video
+with the new soundtrack muxed in by PyAV, video packets copied, audio AAC)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def patch_frame_times(patches: int, patch: int, latent_rate: float, fps: float) -> np.ndarray:
+    """For each patch, the time of the CLIP frame (on the `fps` grid, as the pipeline samples them)
+    nearest the patch's centre."""
+    centres = (np.arange(patches) * patch + patch / 2) / latent_rate
+    return np.round(centres * fps) / fps
+
+
+def read_conditions(path: str, config, seconds: float, grid_times: np.ndarray | None, rhythm: bool,
+                    rhythm_hz: float = 25.0) -> dict:
+    """One decoding pass over [0, seconds] of the video, as the segment stage does it (frames scaled to
+    `frame_size` on the short side, centre-cropped). Returns frames [len(grid_times), S, S, 3] uint8
+    nearest the requested times, and with `rhythm` the [2, frames] cut and motion channels."""
+    import cv2
+
+    from stages.decode import scaled_size, video_frames
+    from stages.probe import read_streams
+    from stages.segment import MOTION_STRIDE, ShotDetector, center_crop
+    from stages.visual_rhythm import frame_motion, impulses, resample_max
+
+    info = read_streams(path)
+    video = info.get("video")
+    if not video:
+        raise ValueError(f"{path}: no video stream")
+    size = config.frame_size
+    width, height = scaled_size(video["width"], video["height"], size)
+    frames, _ = video_frames(path, width, height, prefer=config.segment.decoder)
+    want = np.asarray([] if grid_times is None else grid_times, np.float64)
+    best: list[tuple[float, np.ndarray] | None] = [None] * len(want)
+    seg = config.segment
+    fps = video.get("fps") or 25.0
+    detector = ShotDetector(fps, seg.adaptive_threshold, seg.min_content_val, seg.min_shot_seconds) if rhythm else None
+    cuts, motion_t, motion_v, prev, index = [], [], [], None, 0
+    horizon = seconds + 0.5
+    for times, chunk in frames:
+        for t, rgb in zip(times, chunk):
+            t = float(t)
+            if t > horizon:
+                break
+            if len(want):
+                crop = None
+                for i in np.flatnonzero(np.abs(want - t) <= 1.0):
+                    d = abs(want[i] - t)
+                    if best[i] is None or d < best[i][0]:
+                        crop = center_crop(rgb, size) if crop is None else crop
+                        best[i] = (d, crop)
+            if detector is not None:
+                small = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[::MOTION_STRIDE, ::MOTION_STRIDE]
+                if prev is not None:
+                    motion_t.append(t)
+                    motion_v.append(frame_motion(prev, small))
+                prev = small
+                cuts.extend(detector.feed(index, t, rgb))
+            index += 1
+        else:
+            continue
+        break
+    if index == 0:
+        raise ValueError(f"{path}: no decodable video frames")
+    out: dict = {"duration": float(info.get("duration") or 0.0), "video": video}
+    if len(want):
+        filled = [b for b in best if b is not None]
+        last = filled[-1][1] if filled else None
+        picked = []
+        for b in reversed(best):  # a time past the last frame takes the last frame
+            last = b[1] if b is not None else last
+            picked.append(last)
+        out["frames"] = np.stack(picked[::-1])
+    if rhythm:
+        out["rhythm"] = np.stack([impulses(cuts, seconds, int(rhythm_hz)),
+                                  resample_max(np.asarray(motion_t), np.asarray(motion_v), seconds, int(rhythm_hz))])
+    return out
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
+    """audio [channels, samples] float -> a float wav."""
+    import soundfile as sf
+
+    sf.write(str(path), np.ascontiguousarray(audio.T), sample_rate, subtype="FLOAT")
+
+
+def mux(video_in: str | Path, audio: np.ndarray, sample_rate: int, out: str | Path, bitrate: int = 192_000) -> float:
+    """Copy `video_in`'s video stream (no re-encode) and add `audio` [2, samples] as AAC, cut to the
+    video's duration. Returns the seconds of audio written."""
+    import av
+
+    with av.open(str(video_in)) as src:
+        vin = src.streams.video[0]
+        duration = None
+        if vin.duration and vin.time_base:
+            duration = float(vin.duration * vin.time_base)
+        elif src.duration:
+            duration = src.duration / 1_000_000
+        if duration:
+            audio = audio[:, : int(round(duration * sample_rate))]
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        if audio.shape[0] == 1:
+            audio = np.repeat(audio, 2, axis=0)
+        with av.open(str(out), "w", format="mp4") as dst:
+            vout = dst.add_stream_from_template(vin)
+            aout = dst.add_stream("aac", rate=sample_rate)
+            aout.layout = "stereo"
+            aout.bit_rate = bitrate
+            for packet in src.demux(vin):
+                if packet.dts is None:
+                    continue
+                packet.stream = vout
+                dst.mux(packet)
+            step = 1024
+            for start in range(0, audio.shape[1], step):
+                frame = av.AudioFrame.from_ndarray(audio[:, start : start + step], format="fltp", layout="stereo")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                dst.mux(aout.encode(frame))
+            dst.mux(aout.encode(None))
+    return audio.shape[1] / sample_rate
