@@ -6,9 +6,9 @@ memory of each subcommand, against a plain `pyarrow.dataset.to_table` of the sam
 The index has INDEX_SCHEMA, 4 clips per source, known tempo/key/mood/genre patterns (so the test
 checks answers, tests/test_browse_scale.py), one empty stand-in tar per index file (listed, never
 read: verify runs --index-only), a run record with checksums and a rejects table. Each command runs
-in its own subprocess; its peak RSS comes from os.wait4 of that child alone.
-Writes bench/results/browse_scale_<rows>.{json,md} (e.g. browse_scale_1M); run it at 1M and 4M rows
-to see how time and memory grow with the rows."""
+in its own subprocess, spawned by a bare interpreter that reports its peak RSS (os.wait4).
+Writes bench/results/browse_scale_<rows>.{json,md} (e.g. browse_scale_1M); the committed results are
+1M, 4M and 20M rows (10,000 rows a file, as the writer makes them), to see how time and memory grow."""
 from __future__ import annotations
 
 import argparse
@@ -123,21 +123,25 @@ def make_synthetic(out: Path, rows: int = 1_000_000, files: int = 100) -> dict:
     return truth(rows)
 
 
-def measure(cmd: list[str]) -> dict:
-    """Wall seconds and peak RSS (MiB) of one child process: os.wait4 gives that child's own rusage
-    (RUSAGE_CHILDREN would be a running maximum over every child so far)."""
-    import tempfile
+# Linux starts a child's ru_maxrss at the RSS of the process it was spawned from (exec records the
+# old address space's high-water mark), so spawned straight from this bench, which holds the
+# generator's arrays, every command would read at least this process's size. A bare interpreter
+# spawns the command instead and reports the child's own peak, wall time and exit code.
+TRAMPOLINE = """import os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(f"TRAMPOLINE {usage.ru_maxrss} {time.perf_counter() - t0} {os.waitstatus_to_exitcode(status)}", file=sys.stderr)"""
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode()[-400:], err.read().decode()[-400:]
-    return {"wall_s": round(wall, 2), "peak_rss_mib": usage.ru_maxrss / 1024, "rc": proc.returncode, "stdout": stdout, "stderr": stderr}
+
+def measure(cmd: list[str]) -> dict:
+    """Wall seconds and peak RSS (MiB) of one command, each in a process of its own."""
+    proc = subprocess.run([sys.executable, "-S", "-c", TRAMPOLINE, *cmd], capture_output=True, text=True)
+    head, _, last = proc.stderr.rstrip().rpartition("\n")
+    tag, maxrss, wall, rc = last.split()
+    assert tag == "TRAMPOLINE", proc.stderr[-400:]
+    return {"wall_s": round(float(wall), 2), "peak_rss_mib": int(maxrss) / 1024, "rc": int(rc),
+            "stdout": proc.stdout[-400:], "stderr": head[-400:]}
 
 
 def main(argv=None) -> int:
