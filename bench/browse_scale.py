@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.record import save
 from shards.schema import INDEX_SCHEMA, SHARD_META_KEY
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TONICS = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 KEYS = [f"{t} {m}" for m in ("major", "minor") for t in TONICS]
 MOODS = ["happy", "sad", "tense", "dreamy", "epic", "playful"]
@@ -178,9 +178,7 @@ def main(argv=None) -> int:
         r["x_baseline_rss"] = round(r["peak_rss_mib"] / base["peak_rss_mib"], 2)
     report = {"rows": args.rows, "files": args.files, "generate_s": round(generated, 1), "cpus": os.cpu_count(),
               "machine": platform.platform(), "truth": known, "results": results}
-    RESULTS.mkdir(exist_ok=True)
     stem = f"browse_scale_{args.rows // 1_000_000}M" if args.rows % 1_000_000 == 0 else f"browse_scale_{args.rows}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = [f"# Browsing a {args.rows:,}-row index ({args.files} files) on {os.cpu_count()} CPU cores",
              "", f"Generated in {generated:.1f} s by `python -m bench.browse_scale`. Each command is its own process "
              "(interpreter start-up included); peak RSS is that process's own. Ratios are to the baseline, a plain "
@@ -188,8 +186,7 @@ def main(argv=None) -> int:
              "| command | rc | wall s | x baseline | peak RSS MiB | x baseline |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['rc']} | {r['wall_s']} | {r['x_baseline_wall']} | {r['peak_rss_mib']:.0f} | {r['x_baseline_rss']} |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(stem, report, "\n".join(lines) + "\n")
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.record import save
+
 
 
 def synth_shards(out: Path, shards: int, per_shard: int, audio: bool) -> list[str]:
@@ -123,11 +124,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     res["load_avg_after"] = os.getloadavg()[0]
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / ("loader_speed_cpu_audio" if args.audio else "loader_speed_cpu")
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(report(res))
-    print(report(res))
+    save("loader_speed_cpu_audio" if args.audio else "loader_speed_cpu", res, report(res))
 
 
 def report(res: dict) -> str:

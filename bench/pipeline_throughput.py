@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from bench.record import save
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "pipeline_throughput"
@@ -324,10 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['loadavg_before'][0]:.2f}/{m['loadavg_after'][0]:.2f}.\n\n{args.note + chr(10) * 2 if args.note else ''}{table(res)}\n\n"
             + __doc__[__doc__.index("On the same"):__doc__.index("Writes")].strip() + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"pipeline_cpu_{args.height}p"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    save(f"pipeline_cpu_{args.height}p", res, text, args.out)
     return 0
 
 

@@ -16,11 +16,11 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.record import save
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
 
@@ -119,11 +119,7 @@ def main() -> None:
             res["runs"].append(run)
             print(json.dumps(run), flush=True)
     res["load_avg_after"] = os.getloadavg()[0]
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"train_speed_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(report(res))
-    print(report(res))
+    save(f"train_speed_{device.type}", res, report(res))
 
 
 def report(res: dict) -> str:

@@ -15,17 +15,15 @@ Writes bench/results/vae_speed_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench.record import save
 from model.oobleck import OobleckSpec, get_preset
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # The released configs' widths (not part of the preset geometry, which the files are checked against).
 WIDTHS = {"songbloom": (128, (1, 2, 4, 8, 16)), "stable_audio_open": (128, (1, 2, 4, 8, 16)), "tiny": (16, (1, 2, 2, 4, 4))}
 
@@ -123,11 +121,7 @@ def main() -> None:
                 res["runs"].append({"precision": precision, **run})
             del vae
             torch.cuda.empty_cache()
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"vae_speed_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(report(res))
-    print(report(res))
+    save(f"vae_speed_{device.type}", res, report(res))
 
 
 def report(res: dict) -> str:
