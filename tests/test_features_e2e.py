@@ -13,13 +13,7 @@ import pyarrow.dataset as pads
 import pytest
 import webdataset as wds
 
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tiny_feature_models):
-    return tiny_feature_models
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +65,11 @@ def test_index_says_what_each_sample_has(built):
         assert row["visual_tag_scores"] == pytest.approx([tags[0]["score"] for tags in meta["visual_tags"].values()], abs=1e-6)
 
 
-def test_a_latent_decodes_to_the_clip_duration_and_channels(built, tiny_models):
+def test_a_latent_decodes_to_the_clip_duration_and_channels(built, tiny_feature_models):
     from model.vae import AudioVAE
 
     _, _, samples = built
-    vae = AudioVAE.load(tiny_models["vae_latents.config_file"], tiny_models["vae_latents.checkpoint"], "tiny")
+    vae = AudioVAE.load(tiny_feature_models["vae_latents.config_file"], tiny_feature_models["vae_latents.checkpoint"], "tiny")
     latent = npy(next(iter(samples.values()))["latent.npy"]).astype(np.float32)
     audio = vae.decode(latent[None])
     assert audio.shape == (1, 2, 480000)  # 10 s of 48 kHz stereo, like the clip's flac
