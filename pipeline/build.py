@@ -20,13 +20,14 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.ledger import Ledger, LedgerClient  # noqa: E402
+from pipeline.carry import merge  # noqa: E402
 from pipeline.llm.serving import start_servers  # noqa: E402
 from pipeline.ownership import claim  # noqa: E402
 from pipeline.preflight import prepare_stages  # noqa: E402
-from pipeline.resume import clean_temporaries, scan  # noqa: E402
+from pipeline.progress import Progress, clean_uncommitted, committed_metadata  # noqa: E402
 from pipeline.sources import list_sources  # noqa: E402
 from pipeline.stage import RunContext  # noqa: E402
+from pipeline.storage import Storage, StorageError  # noqa: E402
 from pipeline.summary import format_summary, reconcile  # noqa: E402
 from pipeline.weights import WeightsMissing  # noqa: E402
 
@@ -65,33 +66,6 @@ def init_ray(config: Config) -> str:
     return where
 
 
-def output_totals(out: Path) -> dict[str, int]:
-    import pyarrow.dataset as pads
-
-    def rows(folder: str) -> int:
-        files = [str(p) for p in sorted((out / folder).glob("*.parquet")) if not p.name.startswith(".")]
-        return pads.dataset(files).count_rows() if files else 0
-
-    return {"samples": rows("index"), "rejects": rows("rejects"), "shards": len(list((out / "shards").glob("*.tar")))}
-
-
-def shard_checksums(out: Path, first: int, stop: int) -> dict[str, dict]:
-    """{shard name: {sha256, bytes, samples}} of the shards this run committed (read from the
-    metadata of their index files, the commit point; a named shard never committed is absent)."""
-    import pyarrow.parquet as pq
-
-    from shards.schema import shard_checksum
-
-    shards = {}
-    for i in range(first, stop):
-        path = out / "index" / f"{i:06d}.parquet"
-        if path.exists():
-            meta = shard_checksum(pq.read_schema(path).metadata)
-            if meta:
-                shards[meta.pop("shard")] = meta
-    return shards
-
-
 def build(input_location: str, output_dir: str, config: Config, quiet: bool = False) -> dict:
     """Run the pipeline; returns the run record (also written to OUT/runs/<run_id>.json)."""
     started = time.time()
@@ -112,68 +86,67 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
 
 
 def _build(input_location: str, output_dir: str, config: Config, skipped: dict, servers, started: float, where: str, quiet: bool) -> dict:
-    out = Path(output_dir)
-    for folder in ("shards", "index", "rejects", "runs"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
+    import shutil
+    import tempfile
+
+    import pyarrow as pa
+
+    storage = Storage(output_dir)
+    storage.makedirs("shards", "index", "rejects", "runs", "probe")
+    storage.check_writable()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    claim(out, run_id)
-    removed = clean_temporaries(out)
-    progress = scan(out)
-    paths = list_sources(input_location, config.sources.extensions, config.sources.recursive)
-    todo = [p for p in paths if p not in progress.done_paths]
-    engine = config.runner.engine
-    if engine == "ray":
-        import ray
+    claim(storage, run_id)
+    removed = clean_uncommitted(storage)
+    workdir = tempfile.mkdtemp(prefix=f"video-robin-{run_id}-")
+    progress = Progress(storage, workdir)
+    try:
+        paths = list_sources(input_location, config.sources.extensions, config.sources.recursive)
+        plan = progress.plan(pa.table({"path": pa.array(paths, pa.string()), "input_index": pa.array(range(len(paths)), pa.int64())}))
+        del paths  # the inputs live in DuckDB (on disk) from here on
+        context = RunContext(storage.location if not storage.local else storage.root, run_id, done_keys=plan.partial_keys)
+        if not quiet:
+            print(f"[build] {plan.inputs} inputs, {plan.inputs - plan.todo} already finished; running {len(config.stages)} "
+                  f"stages on {where}; writing to {storage.location}", flush=True)
 
-        actor = ray.remote(num_cpus=0)(Ledger).options(name=f"ledger-{run_id}", namespace=NAMESPACE).remote(
-            str(out), run_id, progress.reject_idents, progress.next_shard
-        )
-        client = LedgerClient(actor, f"ledger-{run_id}", NAMESPACE)
-    else:
-        ledger = Ledger(str(out), run_id, progress.reject_idents, progress.next_shard)
-        client = LedgerClient(ledger)
-    context = RunContext(str(out), run_id, client, done_keys=frozenset(progress.partial_keys))
-    if not quiet:
-        print(f"[build] {len(paths)} inputs, {len(paths) - len(todo)} already finished; running {len(config.stages)} stages on {where}", flush=True)
+        from pipeline.runner import run_loop, run_ray
 
-    from pipeline.runner import run_loop, run_ray
-
-    runner = run_ray if engine == "ray" else run_loop
-    written = runner(config, context, todo, progress.done_source_ids)
-    if engine == "ray":
-        import ray
-
-        snapshot = ray.get(actor.finish.remote())
-    else:
-        snapshot = ledger.finish()
-    order = [config.stages[0], "dedupe", *config.stages[1:]]
-    snapshot["stages"] = {k: snapshot["stages"][k] for k in sorted(snapshot["stages"], key=lambda k: order.index(k) if k in order else len(order))}
-    counts = reconcile(snapshot, len(todo), written)
-    record = {
-        "run_id": run_id,
-        "engine": engine,
-        "where": where,
-        "input": input_location,
-        "output_dir": str(out),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_seconds": round(time.time() - started, 3),
-        "inputs_listed": len(paths),
-        "inputs_skipped": len(paths) - len(todo),
-        "resumed_partial_clips": len(progress.partial_keys),
-        "temporaries_removed": removed,
-        "counts": counts,
-        "shards_written": snapshot["shards_named"] - progress.next_shard,
-        "shards": shard_checksums(out, progress.next_shard, snapshot["shards_named"]),
-        "rejects": snapshot["reasons"],
-        "stages": snapshot["stages"],
-        "counters": snapshot["counters"],
-        "skipped_stages": skipped,
-        "llm_servers": servers.describe(),
-        "config": config.model_dump(),
-        "versions": versions(),
-        "output_totals": output_totals(out),
-    }
-    (out / "runs" / f"{run_id}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        runner = run_ray if config.runner.engine == "ray" else run_loop
+        run = runner(config, context, storage, progress, quiet=quiet)
+        outcome = progress.reconcile(run_id)
+        checksums, stats = committed_metadata(storage, run_id, outcome["shards"])
+        stats = merge(stats, run.probe_stats)
+        counters = stats.pop("counters", {})
+        order = [config.stages[0], "dedupe", *config.stages[1:]]
+        stages = {k: stats[k] for k in sorted(stats, key=lambda k: order.index(k) if k in order else len(order))}
+        counts = reconcile(plan.todo, run.counts, outcome)
+        record = {
+            "run_id": run_id,
+            "engine": config.runner.engine,
+            "where": where,
+            "input": input_location,
+            "output_dir": storage.location,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "wall_seconds": round(time.time() - started, 3),
+            "inputs_listed": plan.inputs,
+            "inputs_skipped": plan.inputs - plan.todo,
+            "resumed_partial_clips": len(plan.partial_keys),
+            "temporaries_removed": removed,
+            "counts": counts,
+            "shards_written": len(outcome["shards"]),
+            "shards": checksums,
+            "rejects": outcome["reasons"],
+            "stages": stages,
+            "counters": counters,
+            "skipped_stages": skipped,
+            "llm_servers": servers.describe(),
+            "config": config.model_dump(),
+            "versions": versions(),
+            "output_totals": progress.totals(),
+        }
+    finally:
+        progress.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    storage.put_bytes(f"runs/{run_id}.json", json.dumps(record, indent=2, ensure_ascii=False).encode())
     if not quiet:
         print(format_summary(record), flush=True)
     return record
@@ -182,7 +155,7 @@ def _build(input_location: str, output_dir: str, config: Config, skipped: dict, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="folder, glob, manifest (.parquet/.jsonl/.csv) or file; local or fsspec URL")
-    parser.add_argument("--output", required=True, help="output folder (shards/, index/, rejects/, runs/)")
+    parser.add_argument("--output", required=True, help="output folder (shards/, index/, rejects/, runs/, probe/): local, s3:// or gs://")
     parser.add_argument("--config", help="YAML file or preset name in pipeline/configs/")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. writer.samples_per_shard=64")
     args = parser.parse_args(argv)
@@ -195,10 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsMissing as exc:
         print(f"[build] ERROR: {exc}", file=sys.stderr)
         return 3
+    except StorageError as exc:
+        print(f"[build] ERROR: {exc}", file=sys.stderr)
+        return 3
     c = record["counts"]
     if not (c["sources_reconcile"] and c["clips_reconcile"]):
         print("[build] ERROR: counts do not reconcile; see the run record", file=sys.stderr)
         return 2
+    if c["deferred_sources"]:
+        print(f"[build] {c['deferred_sources']} inputs hit transient I/O errors that outlasted the retries; "
+              "run the same command again to retry them", file=sys.stderr)
+        return 4
     return 0
 
 

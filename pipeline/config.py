@@ -17,6 +17,13 @@ class Strict(BaseModel):
 class SourcesConfig(Strict):
     extensions: list[str] = [".mp4", ".mkv", ".webm", ".mov", ".m4v", ".avi", ".m4a"]
     recursive: bool = True
+    # Remote inputs (s3://, gs://, https://) are decoded as they stream (PyAV over range reads); a
+    # local copy is the fallback for what cannot stream, at most this many bytes at once per worker.
+    max_local_copy_bytes: int = 8 << 30
+    # Transient I/O errors (throttling, connection resets, a store that is briefly down) are retried
+    # this many times with exponential backoff before the input is deferred to the next run.
+    io_attempts: int = 6
+    io_backoff_seconds: float = 1.0
 
 
 class ProbeConfig(Strict):
@@ -155,7 +162,10 @@ class WriterConfig(Strict):
     max_shard_bytes: int = 1_000_000_000
     write_audio: bool = True  # original audio as 48 kHz stereo FLAC
     write_thumbnail: bool = True
-    workers: int = 1  # writer actors; they reserve no CPU, so pools never starve the other stages
+    # Shards are written by Ray tasks, as many at once as the cluster allows (null) or at most this
+    # many. Each reserves num_cpus: FLAC and JPEG encoding and the upload are CPU work.
+    workers: int | None = None
+    num_cpus: float = 0.5
 
 
 class RunnerConfig(Strict):
@@ -163,6 +173,12 @@ class RunnerConfig(Strict):
     ray_address: str | None = None  # None: $RAY_ADDRESS, else an embedded local Ray
     num_cpus: int | None = None  # embedded Ray only
     video_workers: int | None = None  # concurrent decode+segment tasks; None lets Ray decide
+    # Inputs go through in chunks: probe a chunk (results to OUT/probe/), dedupe it against what came
+    # before, stream its sources. Chunks start small so that the first shard lands early, then double
+    # up to this size; driver memory is bounded by one chunk, whatever the input count.
+    chunk_sources: int = 8192
+    first_chunk_sources: int = 256
+    sources_per_block: int = 4  # sources per Ray Data block of the streaming phase
     progress_bars: bool = True
 
 

@@ -1,5 +1,5 @@
-"""Running one stage on one batch: rows <-> column batches, timing, rejects to the ledger.
-Shared by the Ray runner (inside map_batches) and the single-process loop."""
+"""Running one stage on one batch: rows <-> column batches, timing, rejects and statistics carried
+with the data. Shared by the Ray runner (inside map_batches) and the single-process loop."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline.carry import attach_stats, carrier_row, is_side, merge, reject_row, take_stats
 from pipeline.config import Config
 from pipeline.registry import drops_after, stage_class
 from pipeline.stage import Reject, Row, RunContext
@@ -43,7 +44,8 @@ def to_batches(rows: list[Row]) -> Iterator[dict[str, np.ndarray]]:
 
 
 class StageRunner:
-    """Owns one stage instance (set up once) and records every call in the ledger."""
+    """Owns one stage instance (set up once). Rejects leave as side rows and statistics ride on the
+    outgoing rows (pipeline/carry.py): nothing here waits on anyone else."""
 
     def __init__(self, stage_name: str, config_json: str, context: RunContext, stream: bool = False):
         config = Config.model_validate_json(config_json)
@@ -51,15 +53,26 @@ class StageRunner:
         self.drop = drops_after(list(config.stages)).get(stage_name, ())
         self.context = context
         self.stream = stream  # yield each output row as soon as it exists (1 -> N stages)
-        self._pending: list = []
         t0 = time.perf_counter()
         self.stage.setup()
-        self._record(0, 0, 0.0, [], {"setup_seconds": time.perf_counter() - t0, "workers": 1})
+        self._setup = {"setup_seconds": time.perf_counter() - t0, "workers": 1}  # rides on the first call
 
     def run_rows(self, rows: list[Row]) -> Iterator[Row]:
-        """Accepted rows out; rejects and stats to the ledger."""
-        out_count, rejects, seconds = 0, [], 0.0
-        items = self.stage.run(rows, self.drop)
+        """Accepted rows and reject rows out, the last one carrying this call's statistics."""
+        if self.stage.takes_side_rows:  # the writer: commits rejects and statistics itself
+            yield from self.stage.run(rows, self.drop)
+            return
+        carried: dict = {}
+        work = []
+        for row in rows:
+            merge(carried, take_stats(row))  # upstream statistics move on with this call's output
+            if is_side(row):
+                yield row  # rejects and carriers pass through untouched
+            else:
+                work.append(row)
+        out_count, rejected, seconds = 0, 0, 0.0
+        held: Row | None = None
+        items = self.stage.run(work, self.drop)
         while True:
             t0 = time.perf_counter()
             try:
@@ -69,19 +82,19 @@ class StageRunner:
                 break
             seconds += time.perf_counter() - t0
             if isinstance(item, Reject):
-                rejects.append(item.to_record())
+                rejected += 1
+                item = reject_row(item.to_record())
             else:
                 out_count += 1
-                yield item
-        self._record(len(rows), out_count, seconds, rejects, self.stage.take_counters() or None)
-
-    def _record(self, rows_in: int, rows_out: int, seconds: float, rejects: list[dict], counters: dict | None = None) -> None:
-        ledger = self.context.ledger
-        if ledger is None:
-            return
-        ref = ledger.record(self.stage.name, rows_in, rows_out, seconds, rejects, counters)
-        if ref is not None:
-            self._pending.append(ref)
+            if held is not None:
+                yield held
+            held = item
+        own = {"rows_in": len(work), "rows_out": out_count, "rejected": rejected, "seconds": seconds,
+               "calls": 1 if work else 0, **self._setup}
+        self._setup = {}
+        counters = self.stage.take_counters()
+        stats = merge(carried, {self.stage.name: own, **({"counters": {f"{self.stage.name}.{k}": v for k, v in counters.items()}} if counters else {})})
+        yield attach_stats(held if held is not None else carrier_row(), stats)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         rows = to_rows(batch)
@@ -92,15 +105,6 @@ class StageRunner:
             out = list(self.run_rows(rows))
             if out:
                 yield from to_batches(out)
-        self.settle()
-
-    def settle(self) -> None:
-        """Wait until this worker's ledger calls have landed (so nothing is lost at the end)."""
-        if self._pending:
-            import ray
-
-            ray.get(self._pending)
-            self._pending = []
 
 
 _RUNNERS: dict[tuple, StageRunner] = {}

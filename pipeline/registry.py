@@ -38,9 +38,12 @@ def build_pipeline(config: Config, context: RunContext | None = None) -> list[St
 
 
 def drops_after(names: list[str]) -> dict[str, tuple[str, ...]]:
-    """For each stage, the arrays it is the last consumer of (freed right after it)."""
+    """For each stage, the arrays it is the last consumer of (freed right after it); an array no
+    stage of this pipeline reads is freed right after the stage that makes it."""
     last: dict[str, str] = {}
     for name in names:
+        for field in stage_class(name).produces:
+            last.setdefault(field, name)
         for field in stage_class(name).consumes:
             last[field] = name
     return {name: tuple(f for f, n in last.items() if n == name) for name in names}

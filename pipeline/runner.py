@@ -1,79 +1,194 @@
 """Two ways to run the same list of stages: on Ray Data (the default; local or a cluster) and as a
 plain single-process loop (debugging, and the baseline the benchmarks compare against).
 
-Both run in two phases: probe every source (small rows), resolve duplicates by content on the
-driver, then stream the accepted sources through segment -> ... -> writer."""
+Inputs go through in chunks (small first, so the first shard lands early, then doubling up to
+`runner.chunk_sources`). Per chunk: probe every source, the results written as parquet to
+OUT/probe/<run_id>/ by the tasks themselves; dedupe by content in DuckDB; stream the winners
+through segment -> ... -> writer. Nothing proportional to the input count passes through the
+driver: it holds one chunk's winners at a time, as arrow."""
 from __future__ import annotations
 
 import json
-from typing import Callable
+import time
+from typing import Callable, Iterator
 
+import pyarrow as pa
+
+from pipeline.carry import REJECT, STATS, is_side, merge
 from pipeline.config import Config
-from pipeline.execution import StageRunner, run_stage_task, to_batches
-from pipeline.stage import Reject, Row, RunContext
+from pipeline.execution import StageRunner, run_stage_task, to_batches, to_rows
+from pipeline.progress import Progress
+from pipeline.stage import Row, RunContext
+from pipeline.storage import Storage
+from shards.schema import REJECT_SCHEMA
+from shards.writer import content_name, parquet_file
+
+PROBE_SOURCES_PER_BLOCK = 16  # probing reads a header and three 1 MiB windows: cheap, so bigger blocks
+PROBE_SCHEMA = pa.schema([("kind", pa.string()), ("key", pa.string()), ("path", pa.string()), ("input_index", pa.int64()),
+                          ("source_id", pa.string()), ("meta", pa.string()), ("stats", pa.string())])
 
 
-def source_rows(paths: list[str]) -> list[Row]:
-    return [{"key": f"input-{i:09d}", "meta": {"source": {"path": p, "input_index": i}}} for i, p in enumerate(paths)]
+def input_rows(chunk: pa.Table) -> pa.Table:
+    paths, indices = chunk.column("path").to_pylist(), chunk.column("input_index").to_pylist()
+    return pa.table({
+        "key": [f"input-{i:09d}" for i in indices],
+        "meta": [json.dumps({"source": {"path": p, "input_index": i}}, ensure_ascii=False) for p, i in zip(paths, indices)],
+    })
 
 
-def resolve_duplicates(probed: list[Row], done_source_ids: dict[str, str] | None = None) -> tuple[list[Row], list[Reject]]:
-    """The first input (in input order) with given content wins; later copies are rejects.
-    `done_source_ids` maps content already in the index (earlier runs) to the path it came from."""
-    earlier = done_source_ids or {}
-    seen: dict[str, str] = {}
-    keep, rejects = [], []
-    for row in sorted(probed, key=lambda r: r["meta"]["source"]["input_index"]):
-        source = row["meta"]["source"]
-        sid, path = source["source_id"], source["path"]
-        first = seen.get(sid) or (earlier[sid] if earlier.get(sid, path) != path else None)
-        if first:
-            detail = "the same path is listed twice" if first == path else f"same content as {first}"
-            key = f"{path}#{source['input_index']}" if first == path else path
-            rejects.append(Reject(stage="dedupe", reason="duplicate", detail=detail, source_id=sid, source_path=path, key=key))
-        else:
-            seen[sid] = path
-            keep.append(row)
-    return keep, rejects
+def blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    step = max(1, rows_per_block)
+    return [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
 
 
-def _record_dedupe(context: RunContext, n_in: int, keep: list, rejects: list[Reject]) -> None:
-    ref = context.ledger.record("dedupe", n_in, len(keep), 0.0, [r.to_record() for r in rejects])
-    if ref is not None:
-        import ray
+def probe_table(rows: list[Row]) -> pa.Table:
+    """Probe output rows as columns: accepted sources, rejects and statistics carriers."""
+    out = []
+    for row in rows:
+        meta = dict(row["meta"])
+        stats = meta.pop(STATS, None)
+        kind = "reject" if REJECT in meta else "carrier" if is_side(row) else "row"
+        source = meta.get("source", {}) if kind == "row" else {}
+        out.append({"kind": kind, "key": row["key"], "path": source.get("path") or meta.get(REJECT, {}).get("source_path"),
+                    "input_index": source.get("input_index"), "source_id": source.get("source_id"),
+                    "meta": json.dumps(meta, ensure_ascii=False), "stats": json.dumps(stats) if stats else None})
+    return pa.Table.from_pylist(out, schema=PROBE_SCHEMA)
 
-        ray.get(ref)
+
+def write_probe(rows: list[Row], output_dir: str, run_id: str, chunk: int) -> int:
+    """One probe batch to OUT/probe/<run_id>/cNNNNN/<content name>.parquet (a retry overwrites)."""
+    if not rows:
+        return 0
+    storage = Storage(output_dir)
+    parquet_file(storage, f"probe/{run_id}/c{chunk:05d}/{content_name(r['key'] for r in rows)}.parquet", probe_table(rows))
+    return len(rows)
 
 
-def run_loop(config: Config, context: RunContext, paths: list[str], done_source_ids: dict[str, str] | None = None, on_written: Callable[[int], None] = lambda n: None) -> int:
-    """Every stage in this process, one item at a time. Returns the number of samples written."""
+def write_probe_batch(batch, output_dir: str, run_id: str, chunk: int):
+    import numpy as np
+
+    n = write_probe(to_rows(batch), output_dir, run_id, chunk)
+    return {"probed": np.array([n])}
+
+
+class ChunkedRun:
+    """The chunk loop shared by both engines; `probe` and `stream` are the engine's own."""
+
+    def __init__(self, config: Config, context: RunContext, storage: Storage, progress: Progress,
+                 on_written: Callable[[int], None] = lambda n: None, quiet: bool = True):
+        self.config, self.context, self.storage, self.progress = config, context, storage, progress
+        self.on_written, self.quiet = on_written, quiet
+        self.probe_stats: dict = {}
+        self.counts = {"probe_rejected": 0, "probe_deferred": 0, "duplicates": 0, "kept": 0, "written": 0}
+
+    def run(self, probe: Callable[[pa.Table, int], None], stream: Callable[[pa.Table], int]) -> dict:
+        t_start = time.perf_counter()
+        cfg = self.config.runner
+        for n, chunk in enumerate(self.progress.chunks(cfg.first_chunk_sources, cfg.chunk_sources)):
+            t0 = time.perf_counter()
+            probe(chunk, n)
+            files = [self.storage.url(f"probe/{self.context.run_id}/c{n:05d}/{f}") for f in
+                     self.storage.names(f"probe/{self.context.run_id}/c{n:05d}", ".parquet")]
+            rejects = self._probe_outcome(files)
+            t1 = time.perf_counter()
+            winners, dups, decided = self.progress.dedupe(files)
+            dedupe = {"rows_in": winners.num_rows + decided, "rows_out": winners.num_rows, "rejected": decided,
+                      "seconds": time.perf_counter() - t1, "calls": 1}
+            merge(self.probe_stats, {"dedupe": dedupe})
+            self.counts["duplicates"] += decided
+            self.counts["kept"] += winners.num_rows
+            self._commit_rejects(rejects + dups, n)
+            written = stream(winners) if winners.num_rows else 0
+            self.counts["written"] += written
+            if not self.quiet:
+                rate = self.counts["written"] / max(time.perf_counter() - t_start, 1e-9)
+                print(f"[build] chunk {n}: {chunk.num_rows} inputs, {winners.num_rows} to curate, {decided} duplicates, "
+                      f"{len(rejects)} rejected at probe; {written} clips written in {time.perf_counter() - t0:.1f} s "
+                      f"(run so far: {self.counts['written']} clips, {rate:.2f} clips/s)", flush=True)
+        return self.counts
+
+    def _probe_outcome(self, files: list[str]) -> list[dict]:
+        if not files:
+            return []
+        rows = self.progress.con.execute(
+            f"SELECT kind, meta, stats FROM read_parquet({files!r}) WHERE kind <> 'row' OR stats IS NOT NULL").fetchall()
+        rejects = []
+        for kind, meta, stats in rows:
+            merge(self.probe_stats, json.loads(stats) if stats else None)
+            if kind == "reject":
+                record = json.loads(meta)[REJECT]
+                rejects.append(record)
+                self.counts["probe_deferred" if record.get("retryable") else "probe_rejected"] += 1
+        return rejects
+
+    def _commit_rejects(self, records: list[dict], chunk: int) -> None:
+        from pipeline.ownership import check
+
+        if not records:
+            return
+        run_id = self.context.run_id
+        table = pa.Table.from_pylist([{**r, "run_id": run_id} for r in records], schema=REJECT_SCHEMA)
+        check(self.storage, run_id)
+        parquet_file(self.storage, f"rejects/{run_id}-c{chunk:05d}.parquet", table)
+
+
+# --- the single-process loop ---------------------------------------------------------------------
+
+def run_loop(config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True,
+             on_written: Callable[[int], None] = lambda n: None) -> ChunkedRun:
+    """Every stage in this process, one item at a time."""
     cfg_json = config.model_dump_json()
     runners = [StageRunner(name, cfg_json, context) for name in config.stages]
-    probe, segment, middle, writer = runners[0], runners[1], runners[2:-1], runners[-1]
-    probed = list(probe.run_rows(source_rows(paths)))
-    keep, dups = resolve_duplicates(probed, done_source_ids)
-    _record_dedupe(context, len(probed), keep, dups)
-    buffer: list[Row] = []
-    written = 0
+    probe_runner, segment, middle, writer = runners[0], runners[1], runners[2:-1], runners[-1]
+    run = ChunkedRun(config, context, storage, progress, on_written, quiet)
 
-    def flush() -> None:
-        nonlocal written, buffer
-        n = sum(1 for _ in writer.run_rows(buffer))
-        written += n
-        on_written(n)
-        buffer = []
+    def probe(chunk: pa.Table, n: int) -> None:
+        rows = to_rows(next(to_batches_of(input_rows(chunk))))
+        for i in range(0, len(rows), PROBE_SOURCES_PER_BLOCK):
+            write_probe(list(probe_runner.run_rows(rows[i:i + PROBE_SOURCES_PER_BLOCK])), context.output_dir, context.run_id, n)
 
-    for source in keep:
-        for clip in segment.run_rows([source]):
-            rows = [clip]
-            for runner in middle:
-                rows = [out for row in rows for out in runner.run_rows([row])]
-            buffer.extend(rows)
-            if len(buffer) >= config.writer.samples_per_shard:
-                flush()
-    if buffer:
-        flush()
-    return written
+    def stream(winners: pa.Table) -> int:
+        buffer: list[Row] = []
+        written = 0
+
+        def flush() -> None:
+            nonlocal written, buffer
+            for out in writer.run_rows(buffer):
+                written += out["meta"]["samples"]
+                on_written(out["meta"]["samples"])
+            buffer = []
+
+        for source in to_rows(next(to_batches_of(winners))):
+            for clip in segment.run_rows([source]):
+                rows = [clip]
+                for runner in middle:
+                    rows = [out for row in rows for out in runner.run_rows([row])]
+                buffer.extend(rows)
+                if len(buffer) >= config.writer.samples_per_shard:
+                    flush()
+        if buffer:
+            flush()
+        return written
+
+    run.run(probe, stream)
+    return run
+
+
+def to_batches_of(table: pa.Table) -> Iterator[dict]:
+    import numpy as np
+
+    yield {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+
+
+# --- Ray Data -------------------------------------------------------------------------------------
+
+def _retry_args() -> dict:
+    """A task that raises (say, the store failed while the writer committed) runs again, at most 3
+    times: its outputs have content names, so the retry overwrites whatever the failed try wrote."""
+    return {"max_retries": 3, "retry_exceptions": True}
+
+
+RETRY = dict(ray_remote_args_fn=_retry_args)
 
 
 def _map(ds, name: str, config: Config, context: RunContext):
@@ -95,17 +210,11 @@ def _map(ds, name: str, config: Config, context: RunContext):
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res.pool_size),
             **common,
         )
-    if name == "segment" and config.runner.video_workers:
-        common["compute"] = ray.data.TaskPoolStrategy(size=config.runner.video_workers)
-    return ds.map_batches(run_stage_task, fn_kwargs=dict(stage_name=name, config_json=cfg_json, context=context, stream=stream), **common)
-
-
-def _dataset(rows: list[Row]):
-    import ray
-
-    items = [{"key": r["key"], "meta": json.dumps(r["meta"], ensure_ascii=False)} for r in rows]
-    # One block per source, so that videos spread over all workers.
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    workers = {"segment": config.runner.video_workers, "writer": config.writer.workers}.get(name)
+    if workers:
+        common["compute"] = ray.data.TaskPoolStrategy(size=workers)
+    return ds.map_batches(run_stage_task, fn_kwargs=dict(stage_name=name, config_json=cfg_json, context=context, stream=stream),
+                          **common, **RETRY)
 
 
 def warn_if_starved(config: Config, context: RunContext) -> str | None:
@@ -128,27 +237,36 @@ def warn_if_starved(config: Config, context: RunContext) -> str | None:
     return message
 
 
-def run_ray(config: Config, context: RunContext, paths: list[str], done_source_ids: dict[str, str] | None = None, on_written: Callable[[int], None] = lambda n: None) -> int:
-    from pipeline.execution import to_rows
+def run_ray(config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True,
+            on_written: Callable[[int], None] = lambda n: None) -> ChunkedRun:
+    import ray
+
     warn_if_starved(config, context)
-
     first, *rest = config.stages
-    if not paths:
-        return 0
-    probed_ds = _map(_dataset(source_rows(paths)), first, config, context)
-    probed = [row for batch in probed_ds.iter_batches(batch_size=256, batch_format="numpy") for row in to_rows(batch)]
-    keep, dups = resolve_duplicates(probed, done_source_ids)
-    _record_dedupe(context, len(probed), keep, dups)
-    if not keep:
-        return 0
-    ds = _dataset(keep)
-    for name in rest:
-        ds = _map(ds, name, config, context)
-    written = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        written += len(batch["key"])
-        on_written(len(batch["key"]))
-    return written
+    run = ChunkedRun(config, context, storage, progress, on_written, quiet)
+    probe_cpus = 1.0
+
+    def probe(chunk: pa.Table, n: int) -> None:
+        ds = ray.data.from_arrow(blocks(input_rows(chunk), PROBE_SOURCES_PER_BLOCK))
+        ds = _map(ds, first, config, context)
+        ds = ds.map_batches(write_probe_batch, fn_kwargs=dict(output_dir=context.output_dir, run_id=context.run_id, chunk=n),
+                            batch_size=None, batch_format="numpy", num_cpus=probe_cpus, **RETRY)
+        for _ in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            pass
+
+    def stream(winners: pa.Table) -> int:
+        ds = ray.data.from_arrow(blocks(winners, config.runner.sources_per_block))
+        for name in rest:
+            ds = _map(ds, name, config, context)
+        written = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = sum(json.loads(m)["samples"] for m in batch["meta"])
+            written += n
+            on_written(n)
+        return written
+
+    run.run(probe, stream)
+    return run
 
 
-__all__ = ["run_loop", "run_ray", "resolve_duplicates", "source_rows", "to_batches"]
+__all__ = ["run_loop", "run_ray", "ChunkedRun", "input_rows", "probe_table", "to_batches"]

@@ -8,7 +8,7 @@ and any number of numpy arrays (frames, audio). Each stage declares the arrays i
 runner drops an array right after the last stage of the pipeline that consumes it.
 
 A stage never raises for one bad item: it yields a `Reject` for it instead, and the runner
-routes rejects to the ledger (rejects table + counters) while accepted rows flow on.
+turns rejects into small side rows that travel with the data to the writer (pipeline/carry.py).
 """
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ class Reject:
     level: str = "source"  # "source" or "clip"
     clip_index: int = -1
     is_last_clip: bool = False
+    # A transient failure (network, throttling, store down) that outlasted the retries: the input
+    # is not finished; a rerun tries it again. Permanent rejects are final.
+    retryable: bool = False
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +74,10 @@ class Stage:
     resources: Resources = Resources()
     # Array fields this stage reads; the runner frees each after its last consumer.
     consumes: ClassVar[tuple[str, ...]] = ()
+    # Array fields this stage adds; one that no later stage consumes is freed right after it.
+    produces: ClassVar[tuple[str, ...]] = ()
+    # The writer sees reject and statistics rows too (to commit them); other stages never do.
+    takes_side_rows: ClassVar[bool] = False
 
     def __init__(self, config: Any, context: "RunContext | None" = None):
         self.config = config
@@ -92,7 +99,7 @@ class Stage:
         raise NotImplementedError
 
     def count(self, name: str, n: int = 1) -> None:
-        """A run-wide counter (e.g. "composer.llm"), summed by the ledger into the run record."""
+        """A run-wide counter (e.g. "composer.llm"), carried with the data into the run record."""
         counters = self.__dict__.setdefault("_counters", {})
         counters[name] = counters.get(name, 0) + n
 
@@ -115,5 +122,4 @@ class RunContext:
 
     output_dir: str
     run_id: str
-    ledger: Any = None  # a LedgerClient; see pipeline/ledger.py
     done_keys: frozenset[str] = field(default_factory=frozenset)  # clips finished by earlier runs

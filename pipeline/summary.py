@@ -4,25 +4,27 @@ from __future__ import annotations
 from typing import Any
 
 
-def reconcile(snapshot: dict[str, Any], todo: int, written: int) -> dict[str, Any]:
-    """This run's counts, derived from the ledger, with the two invariants checked."""
-    stages = snapshot["stages"]
-    reasons = snapshot["reasons"]
-    source_rejects = sum(r["count"] for r in reasons if r["level"] == "source")
-    clip_rejects = sum(r["count"] for r in reasons if r["level"] == "clip")
-    segment = stages.get("segment", {})
-    seg_source_rejects = sum(r["count"] for r in reasons if r["level"] == "source" and r["stage"] == "segment")
-    accepted = int(segment.get("rows_in", 0)) - seg_source_rejects
-    clips = int(segment.get("rows_out", 0))
+def reconcile(todo: int, run: dict[str, int], outcome: dict[str, Any]) -> dict[str, Any]:
+    """This run's counts, from what it committed, with the two invariants checked: every input is
+    accepted, rejected or deferred (retryable), and every clip of an accepted source is committed
+    once, as a sample or a clip reject, with no key twice."""
+    rejected = run["probe_rejected"] + run["duplicates"] + outcome["rejected_in_stream"]
+    deferred = run["probe_deferred"] + outcome["deferred_in_stream"]
+    accepted = outcome["accepted"]
+    written, clip_rejects = outcome["clips_written"], outcome["clips_rejected"]
     return {
         "inputs_to_process": todo,
         "accepted_sources": accepted,
-        "rejected_sources": source_rejects,
-        "clips": clips,
+        "rejected_sources": rejected,
+        "deferred_sources": deferred,
+        "unaccounted_sources": outcome["unaccounted"],
+        "clips": written + clip_rejects,
         "clips_written": written,
         "clips_rejected": clip_rejects,
-        "sources_reconcile": todo == accepted + source_rejects,
-        "clips_reconcile": clips == written + clip_rejects,
+        "incomplete_sources": outcome["incomplete_with_clips"],
+        "duplicate_keys": outcome["duplicate_keys"],
+        "sources_reconcile": todo == accepted + rejected + deferred and outcome["unaccounted"] == 0,
+        "clips_reconcile": outcome["incomplete_with_clips"] == 0 and outcome["duplicate_keys"] == 0,
     }
 
 
@@ -34,6 +36,7 @@ def format_summary(record: dict[str, Any]) -> str:
         f"inputs listed         {record['inputs_listed']:>8}   (already finished: {record['inputs_skipped']})",
         f"accepted sources      {c['accepted_sources']:>8}",
         f"rejected sources      {c['rejected_sources']:>8}",
+        f"deferred sources      {c['deferred_sources']:>8}   (transient I/O errors: a rerun retries them)",
         f"clips                 {c['clips']:>8}   written {c['clips_written']}, rejected {c['clips_rejected']}",
         f"shards written        {record['shards_written']:>8}",
         f"counts reconcile      {'yes' if c['sources_reconcile'] and c['clips_reconcile'] else 'NO':>8}",

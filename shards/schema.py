@@ -14,9 +14,27 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 3  # 2: CLIP embeddings, visual tags, VAE latents; 3: captions, fused attributes and prompts
+SCHEMA_VERSION = 4  # 2: CLIP embeddings, visual tags, VAE latents; 3: captions, fused attributes and prompts;
+# 4: shards and index files named by the keys they hold, the run_id column, retryable rejects
 
 SHARD_META_KEY = b"video_robin.shard"  # index file metadata: the JSON checksum of its tar
+# Index and rejects file metadata: {run_id, stages: {stage: {rows_in, rows_out, ...}}, counters} of
+# the work whose results that file commits. The run record sums them over the files a run committed.
+STATS_META_KEY = b"video_robin.stats"
+
+REJECT_SCHEMA = pa.schema([
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("source_id", pa.string()),
+    ("source_path", pa.string()),
+    ("key", pa.string()),
+    ("level", pa.string()),
+    ("clip_index", pa.int32()),
+    ("is_last_clip", pa.bool_()),
+    ("retryable", pa.bool_()),  # transient (I/O) failure: the input is not finished, a rerun retries it
+    ("run_id", pa.string()),
+])
 
 
 def shard_checksum(metadata: dict[bytes, bytes] | None) -> dict[str, Any] | None:
@@ -124,10 +142,11 @@ INDEX_SCHEMA = pa.schema([
     ("members", pa.list_(pa.string())),
     ("flags", pa.list_(pa.string())),
     ("sample_bytes", pa.int64()),
+    ("run_id", pa.string()),  # the run that wrote the sample
 ])
 
 
-def index_row(meta: dict[str, Any], shard: str, members: list[str], sample_bytes: int) -> dict[str, Any]:
+def index_row(meta: dict[str, Any], shard: str, members: list[str], sample_bytes: int, run_id: str = "") -> dict[str, Any]:
     """Every scalar a user filters on, so that browsing never opens a tar."""
     source, probe, clip = meta["source"], meta["probe"], meta["clip"]
     music, visual = meta.get("music") or {}, meta.get("visual") or {}
@@ -195,4 +214,5 @@ def index_row(meta: dict[str, Any], shard: str, members: list[str], sample_bytes
         "members": members,
         "flags": sorted(k for k, v in (meta.get("flags") or {}).items() if v),
         "sample_bytes": sample_bytes,
+        "run_id": run_id,
     }

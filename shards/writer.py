@@ -1,24 +1,28 @@
 """writer: samples -> WebDataset tar shards + one parquet index file per shard.
 
-A shard is written under a hidden temporary name, fsynced, then renamed; its index file is written
-(the same way) only after the tar is final. So `OUT/shards/*.tar` never holds a partial shard, and
-a key in `OUT/index/` is always readable from its tar."""
+A shard is written to a staging file, then committed whole (a rename, or one upload to an object
+store) under a name derived from its keys; its index file is written (the same way) only after the
+tar is final. So `OUT/shards/*.tar` never holds a partial shard, a key in `OUT/index/` is always
+readable from its tar, and a retried task overwrites its own shard rather than adding a copy."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
-import os
-from pathlib import Path
-from typing import Any, Iterable
+import time
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.carry import REJECT, is_side, merge, take_stats
 from pipeline.ownership import check
 from pipeline.stage import Reject, Resources, Row, Stage
-from shards.schema import ARRAY_MEMBERS, INDEX_SCHEMA, SCHEMA_VERSION, SHARD_META_KEY, SampleMeta, index_row
+from pipeline.storage import Storage
+from shards.schema import (ARRAY_MEMBERS, INDEX_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_META_KEY, STATS_META_KEY,
+                           SampleMeta, index_row)
 
 MTIME = 1_700_000_000  # fixed member times: the same samples give byte-identical tars
 
@@ -55,8 +59,8 @@ def encode_sample(row: Row, write_audio: bool, write_thumbnail: bool) -> dict[st
             members[member] = npy_bytes(row[field])
     if write_audio and "audio48" in row:
         members["flac"] = flac_bytes(row["audio48"])
-    if write_thumbnail and "frames" in row and len(row["frames"]):
-        members["jpg"] = jpg_bytes(row["frames"][len(row["frames"]) // 2])
+    if write_thumbnail and "thumb" in row:
+        members["jpg"] = jpg_bytes(row["thumb"])
     return members
 
 
@@ -75,68 +79,76 @@ class _HashingFile:
         return getattr(self._f, name)
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def content_name(keys: Iterable[str]) -> str:
+    """A name derived from the keys a file holds: the same batch written twice (a retried task)
+    gets the same name and overwrites, never a second copy."""
+    h = hashlib.blake2b(digest_size=10)
+    for key in sorted(keys):
+        h.update(key.encode() + b"\n")
+    return h.hexdigest()
+
+
+def parquet_file(storage: Storage, rel: str, table: pa.Table) -> None:
+    with storage.writing(rel) as tmp:
+        pq.write_table(table, tmp)
+
+
+def stats_metadata(run_id: str, stats: dict) -> dict[bytes, bytes]:
+    return {STATS_META_KEY: json.dumps({"run_id": run_id, **stats})}
 
 
 class ShardSink:
-    """Writes one shard at a time under a temporary name; `close()` makes it final."""
+    """One shard being written to a local staging file; its name comes from its keys at `finish`."""
 
-    def __init__(self, out_dir: Path, name: str, run_id: str):
+    def __init__(self, storage: Storage, run_id: str):
         import webdataset as wds
 
-        self.name, self.out_dir, self.run_id = name, out_dir, run_id
-        self.final = out_dir / "shards" / f"{name}.tar"
-        self.tmp = out_dir / "shards" / f".{name}.tar.tmp"
-        self.index_path = out_dir / "index" / f"{name}.parquet"
-        self._file = open(self.tmp, "wb")
+        self.storage, self.run_id = storage, run_id
+        self.staged = storage.staging("shards", ".tar")
+        self._file = open(self.staged, "wb")
         self._hashing = _HashingFile(self._file)
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=MTIME)
-        self.rows: list[dict[str, Any]] = []
+        self.entries: list[tuple[str, dict, list[str], int]] = []
         self.bytes = 0
 
     def add(self, key: str, members: dict[str, bytes], meta: dict) -> None:
         self._tar.write({"__key__": key, **members})
         size = sum(len(v) for v in members.values())
         self.bytes += size
-        self.rows.append(index_row({**meta, "key": key}, self.final.name, sorted(members), size))
+        self.entries.append((key, meta, sorted(members), size))
 
-    def close(self) -> None:
-        """Commit: the tar under its final name, then its index file (the commit point). A run
-        that lost the folder to a newer run commits nothing."""
+    def finish(self) -> tuple[str, pa.Table]:
+        """Close the tar and commit it under its content name; returns (name, index table). The
+        index file, the shard's commit point, is written by the caller after everything else."""
         self._tar.close()  # a tar stream on a file object it did not open leaves the file open
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        # The shard's checksum rides in its index file's metadata; the run record copies it from there.
-        self.checksum = {"shard": self.final.name, "sha256": self._hashing.sha256.hexdigest(),
-                         "bytes": self._hashing.bytes, "samples": len(self.rows)}
-        table = pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA)
-        table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(self.checksum)})
-        try:
-            check(self.out_dir, self.run_id)
-            os.replace(self.tmp, self.final)
-            check(self.out_dir, self.run_id)
-            _atomic_parquet(table, self.index_path)
-        except BaseException:
-            self.tmp.unlink(missing_ok=True)
-            if not self.index_path.exists():
-                self.final.unlink(missing_ok=True)
-            raise
+        self.name = content_name(key for key, *_ in self.entries)
+        tar = f"{self.name}.tar"
+        rows = [index_row({**meta, "key": key}, tar, members, size, self.run_id) for key, meta, members, size in self.entries]
+        checksum = {"shard": tar, "sha256": self._hashing.sha256.hexdigest(), "bytes": self._hashing.bytes, "samples": len(rows)}
+        table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA).replace_schema_metadata({SHARD_META_KEY: json.dumps(checksum)})
+        check(self.storage, self.run_id)
+        self.storage.commit(self.staged, f"shards/{tar}")
+        return self.name, table
+
+    def abandon(self) -> None:
+        with contextlib.suppress(Exception):
+            self._file.close()
+        self.storage.discard(self.staged)
 
 
 class Writer(Stage):
+    """Writes each batch as whole shards, plus the batch's rejects and statistics, then commits.
+    A stateless Ray task: as many run at once as the cluster has room for (writer.workers caps it)."""
+
     name = "writer"
-    consumes = ("frames", "audio48", *ARRAY_MEMBERS)
-    resources = Resources(num_cpus=0, pool_size=1, batch_size=256)  # sized from config below
+    consumes = ("thumb", "audio48", *ARRAY_MEMBERS)
+    takes_side_rows = True
+    resources = Resources(num_cpus=0.5, batch_size=256)  # sized from config below
 
     def __init__(self, config, context=None):
         super().__init__(config, context)
-        # An actor pool: each actor keeps its encoders loaded and writes whole shards per call. It
-        # reserves no CPU: an actor holding one would leave a 1-CPU Ray unable to run any task.
-        self.resources = Resources(num_cpus=0, pool_size=config.writer.workers, batch_size=config.writer.samples_per_shard)
+        self.resources = Resources(num_cpus=config.writer.num_cpus, batch_size=config.writer.samples_per_shard)
 
     def setup(self) -> None:
         import pandas  # noqa: F401  (pyarrow's first table build imports it: once, here)
@@ -145,34 +157,64 @@ class Writer(Stage):
         import webdataset  # noqa: F401
 
         pa.Table.from_pylist([{"key": "warm-up"}]).to_pandas()
+        self.storage = Storage(self.context.output_dir)
+        self._setup = {"setup_seconds": 0.0, "workers": 1}
 
-        out = Path(self.context.output_dir)
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        (out / "index").mkdir(parents=True, exist_ok=True)
-
-    def process(self, rows: list[Row]) -> Iterable[Row | Reject]:
-        """One call writes one shard (or more, when max_shard_bytes rolls it early)."""
-        cfg = self.config.writer
+    def process(self, rows: list[Row]) -> Iterable[Row]:
+        """Commit order: the tars, then the rejects file, then each shard's index file (its commit
+        point; the last one also holds the batch's statistics)."""
+        t0 = time.perf_counter()
+        cfg, run_id = self.config.writer, self.context.run_id
         done = self.context.done_keys
+        stats: dict = {}
+        rejects: list[dict] = []
+        shards: list[tuple[str, pa.Table]] = []
         sink: ShardSink | None = None
-        written: list[tuple[str, str]] = []
-        for row in rows:
-            if row["key"] in done:
-                continue
-            try:
-                members = encode_sample(row, cfg.write_audio, cfg.write_thumbnail)
-            except Exception as exc:  # e.g. a schema violation: this sample, not the shard, is lost
-                yield Reject.for_row(self.name, row, "encode_failed", f"{type(exc).__name__}: {exc}")
-                continue
-            if sink is None:
-                name = f"{self.context.ledger.next_shard_index():06d}"
-                sink = ShardSink(Path(self.context.output_dir), name, self.context.run_id)
-            sink.add(row["key"], members, row["meta"])
-            written.append((row["key"], sink.name))
-            if sink.bytes >= cfg.max_shard_bytes:
-                sink.close()
+        samples = written = 0
+        try:
+            for row in rows:
+                merge(stats, take_stats(row))
+                meta = row["meta"]
+                if REJECT in meta:
+                    rejects.append(meta[REJECT])
+                    continue
+                if is_side(row):
+                    continue
+                samples += 1
+                if row["key"] in done:
+                    continue
+                try:
+                    members = encode_sample(row, cfg.write_audio, cfg.write_thumbnail)
+                except Exception as exc:  # e.g. a schema violation: this sample, not the shard, is lost
+                    rejects.append(Reject.for_row(self.name, row, "encode_failed", f"{type(exc).__name__}: {exc}").to_record())
+                    continue
+                sink = sink or ShardSink(self.storage, run_id)
+                sink.add(row["key"], members, row["meta"])
+                written += 1
+                if sink.bytes >= cfg.max_shard_bytes:
+                    shards.append(sink.finish())
+                    sink = None
+            if sink is not None:
+                shards.append(sink.finish())
                 sink = None
-        if sink is not None:
-            sink.close()
-        for key, shard in written:
-            yield {"key": key, "meta": {"shard": shard}}
+        finally:
+            if sink is not None:
+                sink.abandon()
+        own = {"rows_in": samples, "rows_out": written, "rejected": sum(1 for r in rejects if r["stage"] == self.name),
+               "seconds": time.perf_counter() - t0, "calls": 1 if samples else 0, **self._setup}
+        self._setup = {}
+        merge(stats, {self.name: own})
+        names = [name for name, _ in shards]
+        batch = content_name([*(f"shard:{n}" for n in names), *(f"reject:{r['level']}:{r['key']}" for r in rejects)])
+        if rejects or not shards:  # a batch of only statistics still commits them
+            table = pa.Table.from_pylist([{**r, "run_id": run_id} for r in rejects], schema=REJECT_SCHEMA)
+            if not shards:
+                table = table.replace_schema_metadata(stats_metadata(run_id, stats))
+            check(self.storage, run_id)
+            parquet_file(self.storage, f"rejects/{run_id}-{batch}.parquet", table)
+        for i, (name, table) in enumerate(shards):
+            if i == len(shards) - 1:
+                table = table.replace_schema_metadata({**table.schema.metadata, **stats_metadata(run_id, stats)})
+            check(self.storage, run_id)
+            parquet_file(self.storage, f"index/{name}.parquet", table)
+        yield {"key": batch, "meta": {"shards": names, "samples": written, "rejects": len(rejects)}}
