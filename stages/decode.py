@@ -2,12 +2,29 @@
 48 kHz stereo + 16 kHz mono). The segment stage drives both streams and cuts clips from them."""
 from __future__ import annotations
 
-from typing import Iterator
+import contextlib
+from typing import BinaryIO, Callable, Iterator, Union
 
 import numpy as np
 
 FrameChunk = tuple[np.ndarray, np.ndarray]  # (times in s [n], rgb uint8 [n, h, w, 3])
 CHUNK = 32
+# What PyAV reads: a local filename, or an opener that returns a fresh binary file object per call
+# (`pipeline.sources.InputFile.open`: a remote input streamed through range reads).
+MediaSource = Union[str, Callable[[], BinaryIO]]
+
+
+@contextlib.contextmanager
+def open_container(source: MediaSource):
+    """A PyAV input container over a filename or over a new file from an opener (closed after)."""
+    import av
+
+    if isinstance(source, str):
+        with av.open(source, metadata_errors="ignore") as container:
+            yield container
+        return
+    with source() as f, av.open(f, metadata_errors="ignore") as container:
+        yield container
 
 
 def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -30,10 +47,8 @@ def decord_frames(path: str, width: int, height: int) -> Iterator[FrameChunk]:
         yield starts[idx].astype(np.float64), reader.get_batch(idx).asnumpy()
 
 
-def pyav_frames(path: str, width: int, height: int) -> Iterator[FrameChunk]:
-    import av
-
-    with av.open(path, metadata_errors="ignore") as container:
+def pyav_frames(source: MediaSource, width: int, height: int) -> Iterator[FrameChunk]:
+    with open_container(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         times, frames = [], []
@@ -52,10 +67,13 @@ def pyav_frames(path: str, width: int, height: int) -> Iterator[FrameChunk]:
             yield np.asarray(times), np.stack(frames)
 
 
-def video_frames(path: str, width: int, height: int, prefer: str = "decord") -> tuple[Iterator[FrameChunk], str]:
-    """Frames in display order with their times. decord first (unless told otherwise); what it
-    cannot open or decode at the start (AV1, odd containers) goes to PyAV, which decodes anything."""
-    if prefer == "decord":
+def video_frames(source: MediaSource, width: int, height: int, prefer: str = "decord") -> tuple[Iterator[FrameChunk], str]:
+    """Frames in display order with their times. decord first (unless told otherwise) for local
+    files; what it cannot open or decode at the start (AV1, odd containers) goes to PyAV, which
+    decodes anything. An opener (a streamed remote input) always goes to PyAV: decord reads only
+    filenames."""
+    if prefer == "decord" and isinstance(source, str):
+        path = source
         try:
             stream = decord_frames(path, width, height)
             first = next(stream)
@@ -67,7 +85,7 @@ def video_frames(path: str, width: int, height: int, prefer: str = "decord") -> 
             return chained(), "decord"
         except Exception:  # decord raises its own DECORDError and plain RuntimeErrors
             pass
-    return pyav_frames(path, width, height), "pyav"
+    return pyav_frames(source, width, height), "pyav"
 
 
 class AudioTrack:
@@ -76,11 +94,17 @@ class AudioTrack:
 
     RATES = {"stereo48": (48000, "stereo"), "mono16": (16000, "mono")}
 
-    def __init__(self, path: str):
+    def __init__(self, source: MediaSource):
         import av
 
-        self._container = av.open(path, metadata_errors="ignore")
-        self._stream = self._container.streams.audio[0]
+        self._file = None if isinstance(source, str) else source()
+        self._container = None
+        try:
+            self._container = av.open(source if self._file is None else self._file, metadata_errors="ignore")
+            self._stream = self._container.streams.audio[0]
+        except BaseException:
+            self.close()
+            raise
         video = next(iter(self._container.streams.video), None)
         self._video_origin = float(video.start_time * video.time_base) if video is not None and video.start_time else 0.0
         self._packets = self._container.decode(self._stream)
@@ -148,4 +172,9 @@ class AudioTrack:
             self._origin[name] += drop / rate
 
     def close(self) -> None:
-        self._container.close()
+        try:
+            if self._container is not None:
+                self._container.close()
+        finally:
+            if self._file is not None:
+                self._file.close()

@@ -7,19 +7,22 @@ import re
 from fractions import Fraction
 from typing import Any, Iterable
 
-import fsspec
-
+from pipeline.errors import configure_fsspec, is_retryable, retry_io
+from pipeline.sources import InputFile, open_input
 from pipeline.stage import Reject, Resources, Row, Stage
+from stages.decode import MediaSource, open_container
 
 HASH_WINDOW = 1 << 20  # bytes hashed at the start, middle and end of each file
 MAX_TAG_CHARS = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def content_id(path: str) -> tuple[str, int]:
+def content_id(source: str | InputFile) -> tuple[str, int]:
     """A stable id from the size and three 1 MiB windows of the file: the same bytes under
-    two names give the same id, without reading whole videos twice."""
-    with fsspec.open(path, "rb") as f:
+    two names give the same id, without reading whole videos twice (remotely: three range reads
+    of exactly those windows)."""
+    source = open_input(source) if isinstance(source, str) else source
+    with source.open(block_size=HASH_WINDOW, cache_type="none") as f:
         size = f.seek(0, 2)
         h = hashlib.blake2b(str(size).encode(), digest_size=8)
         for offset in sorted({0, max(0, size // 2 - HASH_WINDOW // 2), max(0, size - HASH_WINDOW)}):
@@ -37,11 +40,12 @@ def _rate(value: Fraction | None) -> float:
     return float(value) if value else 0.0
 
 
-def read_streams(path: str) -> dict[str, Any]:
-    """Stream facts from the container header (raises av errors for unreadable input)."""
-    import av
-
-    with fsspec.open(path, "rb") as f, av.open(f, metadata_errors="ignore") as container:
+def read_streams(source: MediaSource) -> dict[str, Any]:
+    """Stream facts from the container header (raises av errors for unreadable input). `source`
+    is a path or URL, or an opener such as `InputFile.open` (remote inputs stream)."""
+    if isinstance(source, str):
+        source = open_input(source).open
+    with open_container(source) as container:
         info: dict[str, Any] = {"format": container.format.name, "duration": None, "video": None, "audio": None}
         if container.duration:
             info["duration"] = container.duration / 1_000_000
@@ -85,23 +89,52 @@ class Probe(Stage):
     def _reject(self, path: str, reason: str, detail: str, source_id: str = "") -> Reject:
         return Reject(stage=self.name, reason=reason, detail=detail, source_id=source_id, source_path=path, key=path)
 
+    def _retry(self, fn, what: str):
+        io = self.config.sources
+        return retry_io(fn, attempts=io.io_attempts, backoff_seconds=io.io_backoff_seconds, what=what)
+
+    def _io_error(self, path: str, exc: BaseException, what: str, source_id: str = "") -> Reject:
+        """A transient failure that outlasted the retries: not finished, the next run tries again."""
+        attempts = self.config.sources.io_attempts
+        detail = f"{what} failed {attempts} times with a transient error: {type(exc).__name__}: {exc}"
+        reject = self._reject(path, "io_error", detail[:500], source_id)
+        reject.retryable = True
+        return reject
+
     def _probe(self, row: Row) -> Row | Reject:
         import av
 
         path = row["meta"]["source"]["path"]
         cfg = self.config
+        configure_fsspec()
+        source = open_input(path, cfg.sources)
         try:
-            fs, local = fsspec.core.url_to_fs(path)
-            if not fs.exists(local):
+            # info, not exists: fsspec's exists() answers False for a refused connection.
+            self._retry(source.info, f"looking up {path}")
+        except Exception as exc:
+            if is_retryable(exc):  # also HTTP's FileNotFoundError(url) from a refused connection
+                return self._io_error(path, exc, "looking the file up")
+            if isinstance(exc, FileNotFoundError):
                 return self._reject(path, "missing_file", f"{path} does not exist")
-            source_id, size = content_id(path)
-        except OSError as exc:
+            # Anything else is settled by reading: S3 answers a HEAD without a body, so an expired
+            # token there is a bare "400 Bad Request", while the GET below names ExpiredToken.
+        try:
+            source_id, size = self._retry(lambda: content_id(source), f"hashing {path}")
+        except Exception as exc:
+            if is_retryable(exc):
+                return self._io_error(path, exc, "reading the file")
+            if not isinstance(exc, (OSError, ValueError)):  # ValueError: fsspec's HTTP without ranges
+                raise
             return self._reject(path, "unreadable", f"cannot read {path}: {exc}")
         if size == 0:
             return self._reject(path, "empty_file", "file has 0 bytes", source_id)
         try:
-            info = read_streams(path)
-        except (av.error.FFmpegError, ValueError, OSError) as exc:
+            info = self._retry(lambda: read_streams(source.open), f"reading the header of {path}")
+        except Exception as exc:
+            if is_retryable(exc):
+                return self._io_error(path, exc, "reading the container header", source_id)
+            if not isinstance(exc, (av.error.FFmpegError, ValueError, OSError)):
+                raise
             return self._reject(path, "unreadable", f"not a readable media container: {exc}", source_id)
         reason = None
         if info["video"] is None:

@@ -3,6 +3,7 @@ motion signal and the frame grid, and cuts shot-aware clip windows of `clip_seco
 so memory stays bounded by one window however long the video is."""
 from __future__ import annotations
 
+import contextlib
 import traceback
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -10,9 +11,10 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from pipeline.sources import local_copy
+from pipeline.errors import configure_fsspec, is_retryable, retry_io
+from pipeline.sources import InputFile, TooLargeToCopy, open_input
 from pipeline.stage import Reject, Resources, Row, Stage
-from stages.decode import AudioTrack, scaled_size, video_frames
+from stages.decode import AudioTrack, MediaSource, scaled_size, video_frames
 from stages.visual_rhythm import RHYTHM_HZ, frame_motion, resample_max
 
 MOTION_STRIDE = 4  # frames are compared on every 4th pixel: motion, not detail
@@ -120,6 +122,9 @@ def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 class Segment(Stage):
     name = "segment"
     resources = Resources(num_cpus=1, batch_size=1)
+    # The writer needs one frame for the thumbnail: it travels alone, so the 4 fps frames stop
+    # after their last consumer (clip_embed), or right here when nothing reads them.
+    produces = ("frames", "thumb", "motion_25hz", "audio48", "audio16")
 
     def setup(self) -> None:
         import av  # noqa: F401  (decoders and the detector load their libraries once, here)
@@ -131,50 +136,128 @@ class Segment(Stage):
             yield from self._clips(row)
 
     def _clips(self, row: Row) -> Iterator[Row | Reject]:
+        """Clips of one source. Local inputs decode by filename (decord, else PyAV); remote ones
+        stream into PyAV through range reads, with no local copy. Transient I/O errors before the
+        first clip restart the source (sources.io_attempts); one that outlasts the retries, or one
+        after clips went out, defers the rest of the source to the next run (a retryable reject;
+        the next run skips the clips already done)."""
         cfg = self.config
         done = self.context.done_keys if self.context else frozenset()
-        source = row["meta"]["source"]
-        held: Row | None = None  # one clip is held back until we know whether it is the last
-        decoder, error = "", None
-        try:
-            with local_copy(source["path"]) as path:
-                for clip, decoder in self._windows(path, row["meta"]["probe"]):
-                    if held is not None:
-                        if held["key"] not in done:
-                            yield held
-                    held = self._clip_row(row, clip, decoder)
-        except Exception as exc:  # a broken file ends its own stream, never the run
-            error = f"{type(exc).__name__}: {exc}"
-            if held is None:
-                tail = traceback.format_exc(limit=2).splitlines()[-1]
-                yield Reject.for_row(self.name, row, "decode_failed", f"{error} ({tail})")
+        configure_fsspec()
+        source = open_input(row["meta"]["source"]["path"], cfg.sources)
+        error = None
+        with contextlib.ExitStack() as copies:  # a fallback local copy lives until the source is done
+            started = self._start(row, source, copies)
+            if isinstance(started, Reject):
+                yield started
                 return
-        if held is None:
-            probe = row["meta"]["probe"]
-            yield Reject.for_row(
-                self.name, row, "no_clips",
-                f"no full {cfg.clip_seconds:g} s window in {probe.get('duration') or 0:.2f} s of decodable video",
-            )
-            return
+            windows, first = started
+            if first is None:
+                probe = row["meta"]["probe"]
+                yield Reject.for_row(
+                    self.name, row, "no_clips",
+                    f"no full {cfg.clip_seconds:g} s window in {probe.get('duration') or 0:.2f} s of decodable video",
+                )
+                return
+            held = self._clip_row(row, *first)  # one clip is held back until we know whether it is the last
+            try:
+                for clip, decoder in windows:
+                    if held["key"] not in done:
+                        yield held
+                    held = self._clip_row(row, clip, decoder)
+            except Exception as exc:  # a broken file ends its own stream, never the run
+                if is_retryable(exc):
+                    windows.close()
+                    copies.close()
+                    if held["key"] not in done:
+                        yield held  # complete, but not known to be the last: is_last stays False
+                    yield self._deferred(row, exc, f"after clip {held['meta']['clip']['index']}")
+                    return
+                error = f"{type(exc).__name__}: {exc}"
+            finally:
+                windows.close()
+        # The decoders are closed and any local copy is deleted before the last clip leaves.
         held["meta"]["clip"]["is_last"] = True
         if error:
             held["meta"]["flags"]["decode_error"] = error[:300]
         if held["key"] not in done:
             yield held
 
-    def _windows(self, path: str, probe: dict) -> Iterator[tuple[dict, str]]:
+    def _deferred(self, row: Row, exc: BaseException, where: str) -> Reject:
+        """A transient failure that outlasted the retries: the source is not finished."""
+        reject = Reject.for_row(
+            self.name, row, "io_error",
+            f"transient I/O error {where}, the source is left for the next run: {type(exc).__name__}: {exc}",
+        )
+        reject.retryable = True
+        return reject
+
+    def _first_window(self, media: MediaSource, probe: dict):
+        """(windows, first clip or None); the decoders are closed again when this raises."""
+        windows = self._windows(media, probe)
+        try:
+            first = next(windows)
+        except StopIteration:
+            return windows, None
+        except BaseException:
+            windows.close()
+            raise
+        return windows, first
+
+    def _start(self, row: Row, source: InputFile, copies: contextlib.ExitStack):
+        """Open the decoders and cut the first clip, retried as a whole while that fails with a
+        transient error. A remote input that PyAV cannot stream (a permanent error before any clip)
+        is decoded from a local temporary copy instead, at most sources.max_local_copy_bytes.
+        Returns (windows, first) or the Reject that ends the source."""
+        io = self.config.sources
+        path, probe = source.path, row["meta"]["probe"]
+
+        def retried(fn, what):
+            return retry_io(fn, attempts=io.io_attempts, backoff_seconds=io.io_backoff_seconds, what=what)
+
+        def failure(exc: BaseException, prefix: str = "") -> Reject:
+            if is_retryable(exc):
+                return self._deferred(row, exc, f"before the first clip ({io.io_attempts} attempts)")
+            tail = traceback.format_exception(exc, limit=2)[-1].strip()
+            return Reject.for_row(self.name, row, "decode_failed", f"{prefix}{type(exc).__name__}: {exc} ({tail})")
+
+        media: MediaSource = source.local_path if source.local_path is not None else source.open
+        try:
+            return retried(lambda: self._first_window(media, probe), f"decoding {path}")
+        except Exception as exc:
+            if not source.remote or is_retryable(exc):
+                return failure(exc)
+            streaming_error = f"{type(exc).__name__}: {exc}"
+        try:
+            local = retried(lambda: copies.enter_context(source.local_copy(size=row["meta"]["source"].get("size_bytes"))),
+                            f"copying {path}")
+        except TooLargeToCopy as exc:
+            return Reject.for_row(
+                self.name, row, "too_large_to_copy",
+                f"cannot decode it while it streams ({streaming_error}) and {exc}",
+            )
+        except Exception as exc:
+            return failure(exc, f"streaming failed ({streaming_error}); copying failed: ")
+        self.count("segment.local_copies")
+        try:
+            return retried(lambda: self._first_window(local, probe), f"decoding a local copy of {path}")
+        except Exception as exc:
+            return failure(exc, f"streaming failed ({streaming_error}); the local copy failed too: ")
+
+    def _windows(self, media: MediaSource, probe: dict) -> Iterator[tuple[dict, str]]:
         cfg = self.config
         seg = cfg.segment
         video = probe["video"]
         fps = video["fps"] or 25.0
         width, height = scaled_size(video["width"], video["height"], cfg.frame_size)
-        frames, decoder = video_frames(path, width, height, prefer=seg.decoder)
-        detector = ShotDetector(fps, seg.adaptive_threshold, seg.min_content_val, seg.min_shot_seconds)
-        cutter = ClipCutter(cfg, fps)
-        audio = AudioTrack(path)
-        prev_small, index, last_t, frame_step = None, 0, 0.0, 1.0 / fps
-        max_clips = seg.max_clips_per_video
+        frames, decoder = video_frames(media, width, height, prefer=seg.decoder)
+        audio = None
         try:
+            detector = ShotDetector(fps, seg.adaptive_threshold, seg.min_content_val, seg.min_shot_seconds)
+            cutter = ClipCutter(cfg, fps)
+            audio = AudioTrack(media)
+            prev_small, index, last_t, frame_step = None, 0, 0.0, 1.0 / fps
+            max_clips = seg.max_clips_per_video
             for times, chunk in frames:
                 for t, rgb in zip(times, chunk):
                     small = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[::MOTION_STRIDE, ::MOTION_STRIDE]
@@ -193,7 +276,11 @@ class Segment(Stage):
             while cutter.fits(end_of_video) and not (max_clips and cutter.index >= max_clips):
                 yield self._with_audio(cutter.take(), audio), decoder
         finally:
-            audio.close()
+            try:
+                if audio is not None:
+                    audio.close()
+            finally:
+                frames.close()
 
     @staticmethod
     def _with_audio(clip: dict, audio: AudioTrack) -> dict:
@@ -224,4 +311,5 @@ class Segment(Stage):
             "motion_25hz": clip["motion_25hz"],
             "audio48": clip["audio48"],
             "audio16": clip["audio16"],
+            "thumb": clip["frames"][len(clip["frames"]) // 2],
         }

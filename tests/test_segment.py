@@ -19,7 +19,7 @@ def probe_row(cfg, path):
 
 
 def clips_of(cfg, path, done=frozenset()):
-    stage = Segment(cfg, RunContext("unused", "test", None, done_keys=frozenset(done)))
+    stage = Segment(cfg, RunContext("unused", "test", done_keys=frozenset(done)))
     return list(stage.process([probe_row(cfg, path)]))
 
 
