@@ -119,3 +119,49 @@ QWEN_SERVER_ARGS = ["--max-model-len", "4096", "--dtype", "float32", "--gpu-memo
                     "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
 QWEN_SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                    "DO_NOT_TRACK": "1"}
+
+
+# --- A real S3-compatible server (tests/s3_server.py) -------------------------------------------
+# Its address goes into the environment now, at import, before `ray_local` (or anything else) starts
+# worker processes: every process of the session, Ray workers and subprocess drivers included, then
+# reaches s3:// at the test server and never at AWS. The server itself starts only when a test asks
+# for `s3_server`; until then s3:// calls fail fast with "connection refused".
+from s3_server import MotoServer, TcpProxy, apply_s3_env, free_port  # noqa: E402
+
+S3_MOTO_PORT, S3_PROXY_PORT = free_port(), free_port()
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PROXY_PORT}"
+apply_s3_env(S3_ENDPOINT)
+
+
+class S3Server:
+    def __init__(self, moto: MotoServer, proxy: TcpProxy):
+        self.moto, self.proxy, self.endpoint = moto, proxy, S3_ENDPOINT
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto_server behind a TcpProxy on the ports the environment already names. `.proxy.pause()`
+    / `.resume()` / `.outage(s)` take the endpoint down and up; `.endpoint` is its URL."""
+    moto = MotoServer(S3_MOTO_PORT, log_path=tmp_path_factory.mktemp("moto") / "moto.log").start()
+    try:
+        proxy = TcpProxy(moto.port, listen_port=S3_PROXY_PORT)
+    except BaseException:
+        moto.stop()
+        raise
+    yield S3Server(moto, proxy)
+    proxy.close()
+    moto.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket: yields its URL, s3://<name>."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    if s3_server.proxy.paused:  # a previous test's outage must not leak into the next one
+        s3_server.proxy.resume()
+    boto3.client("s3").create_bucket(Bucket=name)
+    yield f"s3://{name}"
