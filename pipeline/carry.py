@@ -47,3 +47,14 @@ def attach_stats(row: Row, stats: dict) -> Row:
     if stats:
         row["meta"][STATS] = merge(row["meta"].get(STATS) or {}, stats)
     return row
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on (first 8 hex digits), or None outside Ray."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else None

@@ -2,18 +2,40 @@
 with the data. Shared by the Ray runner (inside map_batches) and the single-process loop."""
 from __future__ import annotations
 
+import io
 import json
 import time
 from typing import Iterator
 
 import numpy as np
 
-from pipeline.carry import attach_stats, carrier_row, is_side, merge, reject_row, take_stats
+from pipeline.carry import attach_stats, carrier_row, is_side, merge, node_id, reject_row, take_stats
 from pipeline.config import Config
+from pipeline.faults import fault
 from pipeline.registry import drops_after, stage_class
 from pipeline.stage import Reject, Row, RunContext
 
 TEXT_FIELDS = ("key", "meta")
+
+
+def array_bytes(array: np.ndarray) -> bytes:
+    """An array as .npy bytes. Arrays cross Ray Data as a binary column, not a tensor column:
+    blocks without the column (reject and statistics rows) then merge with blocks that have it
+    (as nulls), which Ray Data's tensor columns cannot do ("buffer is too small")."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def bytes_array(data: bytes) -> np.ndarray:
+    """The inverse of array_bytes, without a copy (read-only, like Ray's own zero-copy arrays)."""
+    view = memoryview(data)
+    stream = io.BytesIO(view)
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    array = np.frombuffer(view, dtype=dtype, offset=stream.tell(), count=int(np.prod(shape, dtype=np.int64)))
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def to_rows(batch: dict[str, np.ndarray]) -> list[Row]:
@@ -21,26 +43,27 @@ def to_rows(batch: dict[str, np.ndarray]) -> list[Row]:
     for i in range(len(batch["key"])):
         row: Row = {"key": str(batch["key"][i]), "meta": json.loads(batch["meta"][i])}
         for name, column in batch.items():
-            if name not in TEXT_FIELDS:
-                row[name] = column[i]
+            if name not in TEXT_FIELDS and column[i] is not None:
+                value = column[i]
+                row[name] = bytes_array(value) if isinstance(value, (bytes, bytearray, memoryview)) else value
         rows.append(row)
     return rows
 
 
 def to_batches(rows: list[Row]) -> Iterator[dict[str, np.ndarray]]:
-    """Column batches; rows with different array fields go in different batches."""
-    groups: dict[tuple[str, ...], list[Row]] = {}
-    for row in rows:
-        groups.setdefault(tuple(sorted(row)), []).append(row)
-    for fields, group in groups.items():
-        batch = {
-            "key": np.array([r["key"] for r in group], dtype=object),
-            "meta": np.array([json.dumps(r["meta"], ensure_ascii=False) for r in group], dtype=object),
-        }
-        for name in fields:
-            if name not in TEXT_FIELDS:
-                batch[name] = np.stack([r[name] for r in group])
-        yield batch
+    """One column batch; an array field a row lacks is None there."""
+    if not rows:
+        return
+    fields = sorted({name for row in rows for name in row if name not in TEXT_FIELDS})
+    batch = {
+        "key": np.array([r["key"] for r in rows], dtype=object),
+        "meta": np.array([json.dumps(r["meta"], ensure_ascii=False) for r in rows], dtype=object),
+    }
+    for name in fields:
+        column = np.empty(len(rows), dtype=object)
+        column[:] = [array_bytes(r[name]) if name in r else None for r in rows]
+        batch[name] = column
+    yield batch
 
 
 class StageRunner:
@@ -59,6 +82,7 @@ class StageRunner:
 
     def run_rows(self, rows: list[Row]) -> Iterator[Row]:
         """Accepted rows and reject rows out, the last one carrying this call's statistics."""
+        fault(f"stage.{self.stage.name}")
         if self.stage.takes_side_rows:  # the writer: commits rejects and statistics itself
             yield from self.stage.run(rows, self.drop)
             return
@@ -93,6 +117,8 @@ class StageRunner:
                "calls": 1 if work else 0, **self._setup}
         self._setup = {}
         counters = self.stage.take_counters()
+        if work and (node := node_id()):
+            counters[f"calls_on_node.{node}"] = 1  # where the work ran: a cluster run shows its spread
         stats = merge(carried, {self.stage.name: own, **({"counters": {f"{self.stage.name}.{k}": v for k, v in counters.items()}} if counters else {})})
         yield attach_stats(held if held is not None else carrier_row(), stats)
 

@@ -182,13 +182,19 @@ def to_batches_of(table: pa.Table) -> Iterator[dict]:
 
 # --- Ray Data -------------------------------------------------------------------------------------
 
-def _retry_args() -> dict:
-    """A task that raises (say, the store failed while the writer committed) runs again, at most 3
-    times: its outputs have content names, so the retry overwrites whatever the failed try wrote."""
-    return {"max_retries": 3, "retry_exceptions": True}
+# A task that raises (say, the store failed while the writer committed) runs again, at most 3 times:
+# its outputs have content names, so the retry overwrites whatever the failed try wrote. Ray Data
+# retries only system errors by default; these remote args (deprecated, gone in Ray 2.64; we pin
+# 2.60) are its one way to retry application errors.
+RETRY = dict(max_retries=3, retry_exceptions=True)
 
 
-RETRY = dict(ray_remote_args_fn=_retry_args)
+def _map_batches(ds, fn, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        return ds.map_batches(fn, **kwargs)
 
 
 def _map(ds, name: str, config: Config, context: RunContext):
@@ -213,7 +219,7 @@ def _map(ds, name: str, config: Config, context: RunContext):
     workers = {"segment": config.runner.video_workers, "writer": config.writer.workers}.get(name)
     if workers:
         common["compute"] = ray.data.TaskPoolStrategy(size=workers)
-    return ds.map_batches(run_stage_task, fn_kwargs=dict(stage_name=name, config_json=cfg_json, context=context, stream=stream),
+    return _map_batches(ds, run_stage_task, fn_kwargs=dict(stage_name=name, config_json=cfg_json, context=context, stream=stream),
                           **common, **RETRY)
 
 
@@ -249,13 +255,16 @@ def run_ray(config: Config, context: RunContext, storage: Storage, progress: Pro
     def probe(chunk: pa.Table, n: int) -> None:
         ds = ray.data.from_arrow(blocks(input_rows(chunk), PROBE_SOURCES_PER_BLOCK))
         ds = _map(ds, first, config, context)
-        ds = ds.map_batches(write_probe_batch, fn_kwargs=dict(output_dir=context.output_dir, run_id=context.run_id, chunk=n),
+        ds = _map_batches(ds, write_probe_batch, fn_kwargs=dict(output_dir=context.output_dir, run_id=context.run_id, chunk=n),
                             batch_size=None, batch_format="numpy", num_cpus=probe_cpus, **RETRY)
         for _ in ds.iter_batches(batch_size=None, batch_format="numpy"):
             pass
 
     def stream(winners: pa.Table) -> int:
-        ds = ray.data.from_arrow(blocks(winners, config.runner.sources_per_block))
+        # At most sources_per_block a block, fewer when the chunk is small: every CPU gets a video.
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        per_block = max(1, min(config.runner.sources_per_block, -(-winners.num_rows // cpus)))
+        ds = ray.data.from_arrow(blocks(winners, per_block))
         for name in rest:
             ds = _map(ds, name, config, context)
         written = 0

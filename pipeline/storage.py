@@ -117,7 +117,10 @@ class Storage(Out):
             self.fs.rm(self.path(rel))
 
     def names(self, folder: str, suffix: str = "", hidden: bool = False) -> list[str]:
-        """Sorted file names in OUT/folder (one listing, no per-file calls)."""
+        """Sorted file names in OUT/folder (one listing, no per-file calls). Never from a cache:
+        other processes write here, and s3fs would otherwise answer from its listing cache."""
+        if not self.local:
+            self.fs.invalidate_cache(self.path(folder))
         try:
             entries = self.fs.ls(self.path(folder), detail=False)
         except FileNotFoundError:

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.carry import REJECT, is_side, merge, take_stats
+from pipeline.carry import REJECT, is_side, merge, node_id, take_stats
+from pipeline.faults import fault
 from pipeline.ownership import check
 from pipeline.stage import Reject, Resources, Row, Stage
 from pipeline.storage import Storage
@@ -200,10 +201,13 @@ class Writer(Stage):
         finally:
             if sink is not None:
                 sink.abandon()
+        fault("writer.after_tar")  # failure tests: a writer that dies with its tars up, its index not
         own = {"rows_in": samples, "rows_out": written, "rejected": sum(1 for r in rejects if r["stage"] == self.name),
                "seconds": time.perf_counter() - t0, "calls": 1 if samples else 0, **self._setup}
         self._setup = {}
         merge(stats, {self.name: own})
+        if samples and (node := node_id()):
+            merge(stats, {"counters": {f"writer.calls_on_node.{node}": 1}})
         names = [name for name, _ in shards]
         batch = content_name([*(f"shard:{n}" for n in names), *(f"reject:{r['level']}:{r['key']}" for r in rejects)])
         if rejects or not shards:  # a batch of only statistics still commits them

@@ -50,7 +50,7 @@ def test_output_contract(built):
         assert "." not in row["key"]
         assert set(row["members"]) == {"json", "rhythm.npy", "flac", "jpg"} == {k for k in sample if not k.startswith("__")}
         meta = SampleMeta.model_validate(json.loads(sample["json"]))
-        assert meta.key == row["key"] and meta.schema_version == SCHEMA_VERSION == 3
+        assert meta.key == row["key"] and meta.schema_version == SCHEMA_VERSION == 4
         # No weights on this machine: the model stages were skipped, and the sample says so.
         assert meta.has_clip is False and meta.has_latent is False
         assert row["has_clip"] is False and row["has_latent"] is False and row["visual_tags"] == []
