@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.record import save
-from shards.schema import INDEX_SCHEMA, SHARD_META_KEY
+from shards.schema import INDEX_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_META_KEY
 
 TONICS = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 KEYS = [f"{t} {m}" for m in ("major", "minor") for t in TONICS]
@@ -77,7 +77,7 @@ def _file(start: int, n: int, shard: str) -> pa.Table:
     prompts = pa.ListArray.from_arrays(pa.array(two, pa.int32()), pa.StructArray.from_arrays(
         [pa.array(np.tile(["short", "full_spec"], n)), pa.array(np.stack([short, prompt], 1).ravel())], ["level", "text"]))
     columns = {
-        "key": pa.array(key), "shard": pa.array([shard] * n), "schema_version": pa.array(np.full(n, 3, np.int32)),
+        "key": pa.array(key), "shard": pa.array([shard] * n), "schema_version": pa.array(np.full(n, SCHEMA_VERSION, np.int32)),
         "source_id": pa.array(source_id), "source_path": pa.array(np.char.add(np.char.add("/data/videos/", source_id), ".mp4")),
         "clip_index": pa.array(clip.astype(np.int32)), "is_last_clip": pa.array(clip == CLIPS_PER_SOURCE - 1),
         "start_s": pa.array(clip * 10.0), "duration_s": pa.array(np.where(clip == CLIPS_PER_SOURCE - 1, 6.0, 10.0)),
@@ -88,6 +88,7 @@ def _file(start: int, n: int, shard: str) -> pa.Table:
         "instruments": _lists(inst, two), "prompt": pa.array(prompt), "prompt_source": pa.array(["template"] * n),
         "prompts": prompts, "members": _lists(np.tile(["json", "latent.npy"], n), two),
         "flags": _lists(np.array([], dtype=object), np.zeros(n + 1, np.int64)).cast(pa.list_(pa.string())),
+        "run_id": pa.array(["synthetic"] * n),
     }
     arrays = [columns[f.name].cast(f.type) if f.name in columns else pa.nulls(n, f.type) for f in INDEX_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=INDEX_SCHEMA)
@@ -95,8 +96,6 @@ def _file(start: int, n: int, shard: str) -> pa.Table:
 
 def make_synthetic(out: Path, rows: int = 1_000_000, files: int = 100) -> dict:
     """OUT/ with `rows` index rows in `files` index files, stand-in tars, a run record, rejects."""
-    from pipeline.ledger import REJECT_SCHEMA
-
     for folder in ("index", "shards", "runs", "rejects"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     empty = io.BytesIO()
@@ -115,7 +114,8 @@ def make_synthetic(out: Path, rows: int = 1_000_000, files: int = 100) -> dict:
         shards[f"{name}.tar"] = meta
     reasons = [r for r, k in REJECTS.items() for _ in range(k)]
     rejects = {"stage": ["probe"] * len(reasons), "reason": reasons, "level": ["source"] * len(reasons),
-               "run_id": ["synthetic"] * len(reasons), "key": [f"reject{i}" for i in range(len(reasons))]}
+               "retryable": [False] * len(reasons), "run_id": ["synthetic"] * len(reasons),
+               "key": [f"reject{i}" for i in range(len(reasons))]}
     pq.write_table(pa.Table.from_pydict(rejects).cast(pa.schema([REJECT_SCHEMA.field(c) for c in rejects])), out / "rejects" / "synthetic-00000.parquet")
     record = {"run_id": "synthetic", "counts": {"clips_written": rows, "sources_reconcile": True, "clips_reconcile": True},
               "shards": shards, "output_totals": {"samples": rows, "rejects": len(reasons), "shards": len(shards)}}

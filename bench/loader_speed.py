@@ -31,14 +31,15 @@ from bench.record import save
 
 def synth_shards(out: Path, shards: int, per_shard: int, audio: bool) -> list[str]:
     from pipeline.ownership import claim
-    from shards.writer import ShardSink, encode_sample
+    from pipeline.storage import Storage
+    from shards.writer import ShardSink, encode_sample, parquet_file
 
     rng = np.random.default_rng(0)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    (out / "index").mkdir(parents=True, exist_ok=True)
-    claim(out, "bench")
+    storage = Storage(str(out))
+    storage.makedirs("shards", "index")
+    claim(storage, "bench")
     for s in range(shards):
-        sink = ShardSink(out, f"{s:06d}", "bench")
+        sink = ShardSink(storage, "bench")
         for i in range(per_shard):
             key = f"{s:08x}_{i:08d}"
             meta = {"source": {"source_id": f"{s:08x}", "path": f"/videos/{s}.mp4"}, "probe": {"duration": 60.0},
@@ -57,7 +58,8 @@ def synth_shards(out: Path, shards: int, per_shard: int, audio: bool) -> list[st
             if audio:
                 row["audio48"] = (0.1 * rng.standard_normal((2, 480000))).astype(np.float32)
             sink.add(key, encode_sample(row, write_audio=audio, write_thumbnail=False), meta)
-        sink.close()
+        name, table = sink.finish()  # the tar, under a name derived from its keys
+        parquet_file(storage, f"index/{name}.parquet", table)  # its index file: the commit point
     return sorted(str(p) for p in (out / "shards").glob("*.tar"))
 
 

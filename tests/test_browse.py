@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from shards.browse.__main__ import main
+from shards.writer import content_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +53,11 @@ def test_index_is_a_plain_dataset_with_checksums_in_metadata_and_run_record(feat
     assert dataset.count_rows() == 6
     assert pa.types.is_list(dataset.schema.field("moods").type)
     assert pa.types.is_struct(dataset.schema.field("prompts").type.value_type)
-    assert sorted(record["shards"]) == ["000000.tar", "000001.tar"]
+    names = sorted(record["shards"])
+    assert len(names) == 2 and names == sorted({r["shard"] for r in index})
+    for shard in names:  # each named by the keys it holds: `<20 hex>.tar`
+        assert re.fullmatch(r"[0-9a-f]{20}\.tar", shard)
+        assert shard == f"{content_name(r['key'] for r in index if r['shard'] == shard)}.tar"
     for shard, meta in record["shards"].items():
         data = (out / "shards" / shard).read_bytes()
         assert meta["sha256"] == hashlib.sha256(data).hexdigest() and meta["bytes"] == len(data)
@@ -108,11 +114,11 @@ def test_query_where_flags_and_list_membership(feature_shards, index):
 
 
 def test_query_sql_over_the_same_index(feature_shards, index):
-    out, _ = feature_shards
+    out, record = feature_shards
     rc, text, _ = browse(out, "query", "--sql", "SELECT shard, count(*) AS n, sum(duration_s) AS s FROM idx GROUP BY shard ORDER BY shard", "--format", "jsonl")
     assert rc == 0
     got = jsonl(text)
-    assert [g["shard"] for g in got] == ["000000.tar", "000001.tar"]
+    assert len(got) == 2 and [g["shard"] for g in got] == sorted(record["shards"])
     for g in got:
         assert g["n"] == sum(r["shard"] == g["shard"] for r in index)
         assert g["s"] == pytest.approx(sum(r["duration_s"] for r in index if r["shard"] == g["shard"]))
@@ -201,10 +207,10 @@ def test_fsspec_urls_file_and_memory(feature_shards, index):
 
 
 def test_report_is_self_contained_with_every_plot_and_escapes_index_text(feature_shards, index, tmp_path):
-    out, _ = feature_shards
+    out, record = feature_shards
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    path = copy / "index" / "000001.parquet"
+    path = copy / "index" / sorted(record["shards"])[1].replace(".tar", ".parquet")
     table = pq.read_table(path)
     evil = "<script>alert('x')</script> & co"
     prompts = table.column("prompt").to_pylist()

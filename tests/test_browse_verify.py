@@ -30,8 +30,19 @@ def run_record(out: Path) -> tuple[Path, dict]:
     return path, json.loads(path.read_text())
 
 
+def shard_names(out: Path) -> tuple[str, str]:
+    """The run's two shards in name order (content-named `<20 hex>.tar`, from the run record)."""
+    _, record = run_record(out)
+    first, second = sorted(record["shards"])
+    return first, second
+
+
+def index_file(out: Path, shard: str) -> Path:
+    return out / "index" / shard.replace(".tar", ".parquet")
+
+
 def keys_of(out: Path, shard: str) -> list[str]:
-    return pq.read_table(out / "index" / shard.replace(".tar", ".parquet"), columns=["key"]).column("key").to_pylist()
+    return pq.read_table(index_file(out, shard), columns=["key"]).column("key").to_pylist()
 
 
 def test_clean_output_verifies_in_a_subprocess(copy):
@@ -41,56 +52,66 @@ def test_clean_output_verifies_in_a_subprocess(copy):
 
 
 def test_truncated_tar(copy):
-    tar = copy / "shards" / "000001.tar"
+    _, second = shard_names(copy)
+    tar = copy / "shards" / second
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2])
     rc, text, _ = browse(copy, "verify")
-    assert rc == 1 and "FAULT truncated_tar: shards/000001.tar" in text
+    assert rc == 1 and f"FAULT truncated_tar: shards/{second}" in text
     rc, text, _ = browse(copy, "verify", "--index-only")  # tars unread: this fault is out of its sight
     assert rc == 0
 
 
 def test_missing_member(copy):
-    key = keys_of(copy, "000000.tar")[1]
-    path = copy / "shards" / "000000.tar"
+    first, _ = shard_names(copy)
+    key = keys_of(copy, first)[1]
+    path = copy / "shards" / first
     buf = io.BytesIO()
     with tarfile.open(path) as src, tarfile.open(fileobj=buf, mode="w") as dst:
         for info in src:
             if info.name != f"{key}.latent.npy":
                 dst.addfile(info, src.extractfile(info))
-    path.write_bytes(buf.getvalue())
+    # Zero-padded back to the size written (tar readers stop at the first zero block): a shorter
+    # tar is reported as truncated_tar instead, and whether dropping one member shrinks it depends
+    # on where the shard's end falls in tar's 10 KiB records, so on which shard sorts first by name.
+    data = buf.getvalue()
+    path.write_bytes(data + b"\0" * max(0, path.stat().st_size - len(data)))
     rc, text, _ = browse(copy, "verify")
     assert rc == 1
-    assert f"FAULT missing_member: {key}: latent.npy listed in the index, absent from shards/000000.tar" in text
-    assert "FAULT checksum_mismatch: shards/000000.tar" in text  # the tar is no longer the one written
+    assert f"FAULT missing_member: {key}: latent.npy listed in the index, absent from shards/{first}" in text
+    assert f"FAULT checksum_mismatch: shards/{first}" in text  # the tar is no longer the one written
+    assert "truncated_tar" not in text
 
 
 def test_duplicate_key(copy):
-    dup = pq.read_table(copy / "index" / "000000.parquet").slice(0, 1)
+    first, second = shard_names(copy)
+    dup = pq.read_table(index_file(copy, first)).slice(0, 1)
     key = dup.column("key")[0].as_py()
-    path = copy / "index" / "000001.parquet"
+    path = index_file(copy, second)
     table = pq.read_table(path)
-    dup = dup.set_column(dup.schema.get_field_index("shard"), "shard", pa.array(["000001.tar"]))
+    dup = dup.set_column(dup.schema.get_field_index("shard"), "shard", pa.array([second]))
     pq.write_table(pa.concat_tables([table, dup.cast(table.schema)]), path)
     rc, text, _ = browse(copy, "verify", "--index-only")
-    assert rc == 1 and f"FAULT duplicate_key: {key} appears 2 times (in 000000.tar, 000001.tar)" in text
+    assert rc == 1 and f"FAULT duplicate_key: {key} appears 2 times (in {first}, {second})" in text
     rc, text, _ = browse(copy, "verify")
-    assert f"FAULT missing_member: {key}:" in text  # the extra row has no sample in 000001.tar
+    assert f"FAULT missing_member: {key}:" in text  # the extra row has no sample in the second tar
 
 
 def test_index_row_without_tar(copy):
-    (copy / "shards" / "000001.tar").unlink()
-    first = keys_of(copy, "000001.tar")[0]
+    _, second = shard_names(copy)
+    (copy / "shards" / second).unlink()
+    first = keys_of(copy, second)[0]
     rc, text, _ = browse(copy, "verify")
-    assert rc == 1 and f"FAULT missing_tar: shards/000001.tar is missing; {len(keys_of(copy, '000001.tar'))} index row(s) name it, e.g. {first}" in text
+    assert rc == 1 and f"FAULT missing_tar: shards/{second} is missing; {len(keys_of(copy, second))} index row(s) name it, e.g. {first}" in text
     assert "FAULT count_mismatch: shards/ holds 1 recorded tars" in text
 
 
 def test_orphan_tar_and_counts_that_do_not_reconcile(copy):
-    kept = len(keys_of(copy, "000000.tar"))
-    (copy / "index" / "000001.parquet").unlink()
+    first, second = shard_names(copy)
+    kept = len(keys_of(copy, first))
+    index_file(copy, second).unlink()
     rc, text, _ = browse(copy, "verify")
-    assert rc == 1 and "FAULT orphan_tar: shards/000001.tar has no index file" in text
+    assert rc == 1 and f"FAULT orphan_tar: shards/{second} has no index file" in text
     assert f"FAULT count_mismatch: index holds {kept} recorded rows; run" in text
 
 
@@ -103,28 +124,30 @@ def test_run_record_counts_must_reconcile(copy):
 
 
 def test_checksum_mismatch_against_the_run_record(copy):
+    first, _ = shard_names(copy)
     path, record = run_record(copy)
-    record["shards"]["000000.tar"]["sha256"] = "0" * 64
+    record["shards"][first]["sha256"] = "0" * 64
     path.write_text(json.dumps(record))
     rc, text, _ = browse(copy, "verify")
-    assert rc == 1 and "FAULT checksum_mismatch: shards/000000.tar" in text
+    assert rc == 1 and f"FAULT checksum_mismatch: shards/{first}" in text
 
 
 def test_shard_of_a_killed_run_is_a_warning_checked_against_its_index_metadata(copy):
-    """A run killed after committing 000001 but before writing its record: no fault, a warning; a
-    damaged tar of that run is still caught through the checksum in its index file."""
+    """A run killed after committing its second shard but before writing its record: no fault, a
+    warning; a damaged tar of that run is still caught through the checksum in its index file."""
+    _, second = shard_names(copy)
     path, record = run_record(copy)
-    gone = record["shards"].pop("000001.tar")
+    gone = record["shards"].pop(second)
     record["counts"]["clips_written"] -= gone["samples"]
     record["counts"]["clips"] -= gone["samples"]
     record["output_totals"]["samples"] -= gone["samples"]
     record["output_totals"]["shards"] -= 1
     path.write_text(json.dumps(record))
     rc, text, _ = browse(copy, "verify")
-    assert rc == 0 and "WARNING 000001.tar is in no run record" in text
-    tar = copy / "shards" / "000001.tar"
+    assert rc == 0 and f"WARNING {second} is in no run record" in text
+    tar = copy / "shards" / second
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF  # one flipped byte inside the first member's data: the tar still reads
     tar.write_bytes(bytes(data))
     rc, text, _ = browse(copy, "verify")
-    assert rc == 1 and "FAULT checksum_mismatch: shards/000001.tar" in text
+    assert rc == 1 and f"FAULT checksum_mismatch: shards/{second}" in text
