@@ -14,7 +14,8 @@ disagreements are recorded). A clip without a valid answer gets the template com
 
 Answers are cached by a content hash of (model, template, schema version, request messages) in
 append-only JSONL files under OUT/cache/prompt_fusion/ (one per worker process), so a resumed run
-does not ask again (`provenance.cached`).
+does not ask again (`provenance.cached`). Object stores cannot append: for an s3:// or gs:// OUT the
+cache lives on each node's disk (`cache_folder`).
 
 Writes, per clip:
   meta.fused         {attributes, sources, disagreements, caption_claims, provenance} (LLM answers only)
@@ -219,6 +220,15 @@ class AnswerCache:
             self._fh = None
 
 
+def cache_folder(output_dir: str) -> Path:
+    """OUT/cache/prompt_fusion on a filesystem; for an object store (no appends there) a folder on
+    this node's disk, one per output, so a resumed run on the same node still skips answered clips."""
+    if "://" not in output_dir or output_dir.startswith("file://"):
+        return Path(output_dir.removeprefix("file://")) / "cache" / "prompt_fusion"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "video-robin" / "prompt_fusion" / hashlib.sha256(output_dir.encode()).hexdigest()[:16]
+
+
 class PromptFusion(Stage):
     name = "prompt_fusion"
 
@@ -241,8 +251,7 @@ class PromptFusion(Stage):
             self.client = LLMClient(cfg.endpoint, cfg.model, api_key=api_key, max_concurrency=cfg.max_concurrency,
                                     timeout_s=cfg.timeout_s, retries=cfg.retries)
         if cfg.cache and self.context is not None and self.context.output_dir:
-            folder = Path(self.context.output_dir) / "cache" / "prompt_fusion"
-            self.cache = AnswerCache(folder, self.context.run_id)
+            self.cache = AnswerCache(cache_folder(self.context.output_dir), self.context.run_id)
         self._ready = True
 
     def close(self) -> None:

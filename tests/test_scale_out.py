@@ -93,7 +93,8 @@ def test_build_reads_and_writes_s3_and_resumes_there(ray_local, s3_bucket, media
     c = record["counts"]
     assert c["sources_reconcile"] and c["clips_reconcile"] and c["deferred_sources"] == 0
     assert c["clips_written"] == len(reference) and record["output_dir"] == out
-    assert list(tmp_path.iterdir()) == []  # nothing landed on the local disk
+    assert list(tmp_path.iterdir()) == []  # nothing landed on the local disk: not here, nor where the
+    assert not (ROOT / "s3:").exists() and not Path(os.getcwd(), "s3:").exists()  # Ray workers run
     assert_exactly(out, reference)
     assert [r["run_id"] for r in records(out)] == [record["run_id"]]
     fs, root = fsspec.core.url_to_fs(out)
