@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import pyarrow as pa
 
@@ -74,10 +74,9 @@ def write_probe_batch(batch, output_dir: str, run_id: str, chunk: int):
 class ChunkedRun:
     """The chunk loop shared by both engines; `probe` and `stream` are the engine's own."""
 
-    def __init__(self, config: Config, context: RunContext, storage: Storage, progress: Progress,
-                 on_written: Callable[[int], None] = lambda n: None, quiet: bool = True):
+    def __init__(self, config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True):
         self.config, self.context, self.storage, self.progress = config, context, storage, progress
-        self.on_written, self.quiet = on_written, quiet
+        self.quiet = quiet
         self.probe_stats: dict = {}
         self.counts = {"probe_rejected": 0, "probe_deferred": 0, "duplicates": 0, "kept": 0, "written": 0}
 
@@ -134,16 +133,15 @@ class ChunkedRun:
 
 # --- the single-process loop ---------------------------------------------------------------------
 
-def run_loop(config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True,
-             on_written: Callable[[int], None] = lambda n: None) -> ChunkedRun:
+def run_loop(config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True) -> ChunkedRun:
     """Every stage in this process, one item at a time."""
     cfg_json = config.model_dump_json()
     runners = [StageRunner(name, cfg_json, context) for name in config.stages]
     probe_runner, segment, middle, writer = runners[0], runners[1], runners[2:-1], runners[-1]
-    run = ChunkedRun(config, context, storage, progress, on_written, quiet)
+    run = ChunkedRun(config, context, storage, progress, quiet)
 
     def probe(chunk: pa.Table, n: int) -> None:
-        rows = to_rows(next(to_batches_of(input_rows(chunk))))
+        rows = table_rows(input_rows(chunk))
         for i in range(0, len(rows), PROBE_SOURCES_PER_BLOCK):
             write_probe(list(probe_runner.run_rows(rows[i:i + PROBE_SOURCES_PER_BLOCK])), context.output_dir, context.run_id, n)
 
@@ -153,12 +151,10 @@ def run_loop(config: Config, context: RunContext, storage: Storage, progress: Pr
 
         def flush() -> None:
             nonlocal written, buffer
-            for out in writer.run_rows(buffer):
-                written += out["meta"]["samples"]
-                on_written(out["meta"]["samples"])
+            written += sum(out["meta"]["samples"] for out in writer.run_rows(buffer))
             buffer = []
 
-        for source in to_rows(next(to_batches_of(winners))):
+        for source in table_rows(winners):
             for clip in segment.run_rows([source]):
                 rows = [clip]
                 for runner in middle:
@@ -174,10 +170,9 @@ def run_loop(config: Config, context: RunContext, storage: Storage, progress: Pr
     return run
 
 
-def to_batches_of(table: pa.Table) -> Iterator[dict]:
-    import numpy as np
-
-    yield {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+def table_rows(table: pa.Table) -> list[Row]:
+    """Rows of a key/meta table (meta as JSON text), as the stages take them."""
+    return [{"key": r["key"], "meta": json.loads(r["meta"])} for r in table.to_pylist()]
 
 
 # --- Ray Data -------------------------------------------------------------------------------------
@@ -243,13 +238,12 @@ def warn_if_starved(config: Config, context: RunContext) -> str | None:
     return message
 
 
-def run_ray(config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True,
-            on_written: Callable[[int], None] = lambda n: None) -> ChunkedRun:
+def run_ray(config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True) -> ChunkedRun:
     import ray
 
     warn_if_starved(config, context)
     first, *rest = config.stages
-    run = ChunkedRun(config, context, storage, progress, on_written, quiet)
+    run = ChunkedRun(config, context, storage, progress, quiet)
     probe_cpus = 1.0
 
     def probe(chunk: pa.Table, n: int) -> None:
@@ -267,12 +261,8 @@ def run_ray(config: Config, context: RunContext, storage: Storage, progress: Pro
         ds = ray.data.from_arrow(blocks(winners, per_block))
         for name in rest:
             ds = _map(ds, name, config, context)
-        written = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            n = sum(json.loads(m)["samples"] for m in batch["meta"])
-            written += n
-            on_written(n)
-        return written
+        return sum(json.loads(m)["samples"] for batch in ds.iter_batches(batch_size=None, batch_format="numpy")
+                   for m in batch["meta"])
 
     run.run(probe, stream)
     return run
