@@ -179,6 +179,7 @@ class RunnerConfig(Strict):
     chunk_sources: int = 8192
     first_chunk_sources: int = 256
     sources_per_block: int = 4  # sources per Ray Data block of the streaming phase
+    fuse_cpu_stages: bool = True  # consecutive stateless CPU stages share one task (false: one operator each)
     progress_bars: bool = True
 
 

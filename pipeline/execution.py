@@ -70,12 +70,11 @@ class StageRunner:
     """Owns one stage instance (set up once). Rejects leave as side rows and statistics ride on the
     outgoing rows (pipeline/carry.py): nothing here waits on anyone else."""
 
-    def __init__(self, stage_name: str, config_json: str, context: RunContext, stream: bool = False):
+    def __init__(self, stage_name: str, config_json: str, context: RunContext):
         config = Config.model_validate_json(config_json)
         self.stage = stage_class(stage_name)(config, context)
         self.drop = drops_after(list(config.stages)).get(stage_name, ())
         self.context = context
-        self.stream = stream  # yield each output row as soon as it exists (1 -> N stages)
         t0 = time.perf_counter()
         self.stage.setup()
         self._setup = {"setup_seconds": time.perf_counter() - t0, "workers": 1}  # rides on the first call
@@ -123,22 +122,42 @@ class StageRunner:
         yield attach_stats(held if held is not None else carrier_row(), stats)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        rows = to_rows(batch)
-        if self.stream:
-            for row in self.run_rows(rows):
-                yield from to_batches([row])
+        """map_batches entry for actor-pool stages (model stages: one batch in, one out)."""
+        out = list(self.run_rows(to_rows(batch)))
+        if out:
+            yield from to_batches(out)
+
+
+def chain_rows(runners: list[StageRunner], rows: list[Row]) -> Iterator[Row]:
+    """Rows through several stages in this process, depth first: each row the first stage emits
+    goes straight on through the rest, so a video's clips never pile up between stages. Side rows
+    (rejects, statistics carriers) skip the later stages: only the writer reads them."""
+    if not runners:
+        yield from rows
+        return
+    first, rest = runners[0], runners[1:]
+    for row in first.run_rows(rows):
+        if is_side(row) or not rest:
+            yield row
         else:
-            out = list(self.run_rows(rows))
-            if out:
-                yield from to_batches(out)
+            yield from chain_rows(rest, [row])
 
 
 _RUNNERS: dict[tuple, StageRunner] = {}
 
 
-def run_stage_task(batch: dict[str, np.ndarray], stage_name: str, config_json: str, context: RunContext, stream: bool) -> Iterator[dict]:
-    """map_batches entry for stateless stages: one StageRunner per worker process, reused."""
+def _runner(stage_name: str, config_json: str, context: RunContext) -> StageRunner:
+    """One StageRunner per stage and worker process, reused by every task the process runs."""
     ident = (stage_name, config_json, context.run_id)
     if ident not in _RUNNERS:
-        _RUNNERS[ident] = StageRunner(stage_name, config_json, context, stream)
-    yield from _RUNNERS[ident](batch)
+        _RUNNERS[ident] = StageRunner(stage_name, config_json, context)
+    return _RUNNERS[ident]
+
+
+def run_stages_task(batch: dict[str, np.ndarray], stage_names: list[str], config_json: str, context: RunContext) -> Iterator[dict]:
+    """map_batches entry for stateless stages, one or several fused in one task: each output row
+    leaves as its own small batch as soon as it exists (segment is 1 -> N, and a long video's
+    clips should not all be held)."""
+    runners = [_runner(name, config_json, context) for name in stage_names]
+    for row in chain_rows(runners, to_rows(batch)):
+        yield from to_batches([row])

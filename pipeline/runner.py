@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipeline.carry import REJECT, STATS, is_side, merge
 from pipeline.config import Config
-from pipeline.execution import StageRunner, run_stage_task, to_batches, to_rows
+from pipeline.execution import StageRunner, chain_rows, run_stages_task, to_batches, to_rows
 from pipeline.progress import Progress
 from pipeline.stage import Row, RunContext
 from pipeline.storage import Storage
@@ -137,7 +137,7 @@ def run_loop(config: Config, context: RunContext, storage: Storage, progress: Pr
     """Every stage in this process, one item at a time."""
     cfg_json = config.model_dump_json()
     runners = [StageRunner(name, cfg_json, context) for name in config.stages]
-    probe_runner, segment, middle, writer = runners[0], runners[1], runners[2:-1], runners[-1]
+    probe_runner, middle, writer = runners[0], runners[1:-1], runners[-1]
     run = ChunkedRun(config, context, storage, progress, quiet)
 
     def probe(chunk: pa.Table, n: int) -> None:
@@ -155,11 +155,8 @@ def run_loop(config: Config, context: RunContext, storage: Storage, progress: Pr
             buffer = []
 
         for source in table_rows(winners):
-            for clip in segment.run_rows([source]):
-                rows = [clip]
-                for runner in middle:
-                    rows = [out for row in rows for out in runner.run_rows([row])]
-                buffer.extend(rows)
+            for row in chain_rows(middle, [source]):
+                buffer.append(row)
                 if len(buffer) >= config.writer.samples_per_shard:
                     flush()
         if buffer:
@@ -192,30 +189,50 @@ def _map_batches(ds, fn, **kwargs):
         return ds.map_batches(fn, **kwargs)
 
 
-def _map(ds, name: str, config: Config, context: RunContext):
-    """One stage onto Ray Data: actor pools for stages with a pool size, tasks otherwise."""
+def stage_groups(config: Config, context: RunContext, names: list[str]) -> list[list[str]]:
+    """Consecutive stateless CPU stages (segment, music_dsp, visual_rhythm, template_prompts...)
+    as one group each: they run fused in one task per block, one Ray Data operator, so a clip
+    crosses no object store and waits in no queue between them. Actor-pool and GPU stages and the
+    writer (a shard-sized batch) stand alone. runner.fuse_cpu_stages=false: every stage alone."""
+    from pipeline.registry import LAST, stage_class
+
+    groups: list[list[str]] = []
+    joins = False  # whether the previous stage can take the next one into its task
+    for name in names:
+        res = stage_class(name)(config, context).resources
+        fusable = config.runner.fuse_cpu_stages and not res.pool_size and not res.num_gpus and name != LAST
+        if fusable and joins:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        joins = fusable
+    return groups
+
+
+def _map(ds, names: list[str], config: Config, context: RunContext):
+    """One stage, or a fused group of stateless ones, onto Ray Data: an actor pool for a stage
+    with a pool size, tasks otherwise (a group asks for the most CPU any of its stages needs)."""
     import ray
 
     from pipeline.registry import stage_class
 
-    res = stage_class(name)(config, context).resources  # instances may size themselves from config
+    res = [stage_class(name)(config, context).resources for name in names]  # instances may size themselves from config
     cfg_json = config.model_dump_json()
-    stream = name == "segment"
-    common = dict(batch_size=res.batch_size, batch_format="numpy", num_cpus=res.num_cpus)
-    if res.num_gpus:
-        common["num_gpus"] = res.num_gpus
-    if res.pool_size:
+    common = dict(batch_size=res[0].batch_size, batch_format="numpy", num_cpus=max(r.num_cpus for r in res))
+    if res[0].num_gpus:
+        common["num_gpus"] = res[0].num_gpus
+    if res[0].pool_size:
         return ds.map_batches(
             StageRunner,
-            fn_constructor_kwargs=dict(stage_name=name, config_json=cfg_json, context=context, stream=stream),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res.pool_size),
+            fn_constructor_kwargs=dict(stage_name=names[0], config_json=cfg_json, context=context),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res[0].pool_size),
             **common,
         )
-    workers = {"segment": config.runner.video_workers, "writer": config.writer.workers}.get(name)
+    workers = {"segment": config.runner.video_workers, "writer": config.writer.workers}.get(names[0])
     if workers:
         common["compute"] = ray.data.TaskPoolStrategy(size=workers)
-    return _map_batches(ds, run_stage_task, fn_kwargs=dict(stage_name=name, config_json=cfg_json, context=context, stream=stream),
-                          **common, **RETRY)
+    return _map_batches(ds, run_stages_task, fn_kwargs=dict(stage_names=names, config_json=cfg_json, context=context),
+                        **common, **RETRY)
 
 
 def warn_if_starved(config: Config, context: RunContext) -> str | None:
@@ -248,7 +265,7 @@ def run_ray(config: Config, context: RunContext, storage: Storage, progress: Pro
 
     def probe(chunk: pa.Table, n: int) -> None:
         ds = ray.data.from_arrow(blocks(input_rows(chunk), PROBE_SOURCES_PER_BLOCK))
-        ds = _map(ds, first, config, context)
+        ds = _map(ds, [first], config, context)
         ds = _map_batches(ds, write_probe_batch, fn_kwargs=dict(output_dir=context.output_dir, run_id=context.run_id, chunk=n),
                             batch_size=None, batch_format="numpy", num_cpus=probe_cpus, **RETRY)
         for _ in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -259,8 +276,8 @@ def run_ray(config: Config, context: RunContext, storage: Storage, progress: Pro
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         per_block = max(1, min(config.runner.sources_per_block, -(-winners.num_rows // cpus)))
         ds = ray.data.from_arrow(blocks(winners, per_block))
-        for name in rest:
-            ds = _map(ds, name, config, context)
+        for names in stage_groups(config, context, rest):
+            ds = _map(ds, names, config, context)
         return sum(json.loads(m)["samples"] for batch in ds.iter_batches(batch_size=None, batch_format="numpy")
                    for m in batch["meta"])
 

@@ -176,8 +176,7 @@ class MusicDSP(Stage):
     Reads `audio16` (float32 [n], 16 kHz mono); silent clips become "silent" rejects."""
 
     name = "music_dsp"
-    # One clip per call: Ray Data fuses this stage with segment, and a bigger batch would make
-    # each fused task take several videos, serialising them on a small machine.
+    # Runs fused with segment in one task (runner.stage_groups), one clip at a time.
     resources = Resources(num_cpus=1, batch_size=1)
     consumes = ("audio16",)
 

@@ -136,6 +136,33 @@ def test_loop_engine_writes_the_same_samples(built, media_dir, tmp_path):
             loop_rows[key]["tempo_bpm"], loop_rows[key]["key_name"], loop_rows[key]["cut_count"])
 
 
+def test_cpu_stages_fuse_into_one_operator_and_write_what_separate_ones_write(built, media_dir, tmp_path):
+    from pipeline.config import Config
+    from pipeline.runner import stage_groups
+    from pipeline.stage import RunContext
+
+    context = RunContext(output_dir=str(tmp_path), run_id="t")
+    default = Config()
+    assert stage_groups(default, context, default.stages[1:]) == [
+        ["segment", "music_dsp", "visual_rhythm"], ["clip_embed"], ["vae_latents"], ["music_captions"], ["prompt_fusion"], ["writer"]]
+    cheap = small_config(**{"stages": ["probe", "segment", "music_dsp", "template_prompts", "visual_rhythm", "writer"]})
+    assert stage_groups(cheap, context, cheap.stages[1:]) == [["segment", "music_dsp", "template_prompts", "visual_rhythm"], ["writer"]]
+    apart = small_config(**{"runner.fuse_cpu_stages": False})
+    assert stage_groups(apart, context, apart.stages[1:]) == [[n] for n in apart.stages[1:]]
+
+    out, fused = built
+    record = build(str(media_dir), str(tmp_path), apart, quiet=True)
+    fused_rows = {r["key"]: r for r in pads.dataset(str(out / "index")).to_table().to_pylist()}
+    apart_rows = {r["key"]: r for r in pads.dataset(str(tmp_path / "index")).to_table().to_pylist()}
+    assert set(fused_rows) == set(apart_rows) and record["counts"]["clips_reconcile"]
+    for key, row in fused_rows.items():
+        assert (row["tempo_bpm"], row["key_name"], row["cut_count"]) == (
+            apart_rows[key]["tempo_bpm"], apart_rows[key]["key_name"], apart_rows[key]["cut_count"])
+    # Statistics carried through a fused task count each stage's own work once.
+    for name in ("segment", "music_dsp", "visual_rhythm"):
+        assert fused["stages"][name]["rows_out"] == record["stages"][name]["rows_out"] > 0
+
+
 def test_rerun_on_finished_output_does_nothing(built, media_dir):
     out, first = built
     before = sorted(p.name for p in (out / "shards").iterdir())
