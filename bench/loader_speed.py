@@ -32,6 +32,7 @@ from bench.record import save
 def synth_shards(out: Path, shards: int, per_shard: int, audio: bool) -> list[str]:
     from pipeline.ownership import claim
     from pipeline.storage import Storage
+    from shards.media import encode_media
     from shards.writer import ShardSink, encode_sample, parquet_file
 
     rng = np.random.default_rng(0)
@@ -56,8 +57,8 @@ def synth_shards(out: Path, shards: int, per_shard: int, audio: bool) -> list[st
                    "clip_embeddings": rng.standard_normal((40, 768)).astype(np.float16),
                    "rhythm": rng.random((4, 250)).astype(np.float16)}
             if audio:
-                row["audio48"] = (0.1 * rng.standard_normal((2, 480000))).astype(np.float32)
-            sink.add(key, encode_sample(row, write_audio=audio, write_thumbnail=False), meta)
+                encode_media(row, (0.1 * rng.standard_normal((2, 480000))).astype(np.float32), None, True, False)
+            sink.add(key, encode_sample(row), meta)
         name, table = sink.finish()  # the tar, under a name derived from its keys
         parquet_file(storage, f"index/{name}.parquet", table)  # its index file: the commit point
     return sorted(str(p) for p in (out / "shards").glob("*.tar"))

@@ -5,11 +5,13 @@
 On the same synthetic inputs (`python -m pipeline.synth`, cached under bench/work/):
   baseline  raw PyAV decode (all video frames, thread_type AUTO, all audio, no conversion) on one
             core before and after each round of builds (fastest pass kept) and on all cores; raw
-            decord decode of all frames for reference.
+            decord decode of all frames for reference (the pipeline decodes with PyAV only).
   loop      pipeline.build.build with runner.engine=loop, pinned to one core: per-stage seconds
             from the run record, each / raw decode (1 core); DSP x real time; writer bytes/s.
   ray-1     runner.engine=ray runner.num_cpus=1, pinned to one core (Ray's own processes included).
   ray-2     runner.engine=ray runner.num_cpus=2, all cores.
+  unfused   ray-1 with runner.fuse_cpu_stages=false: every CPU stage its own Ray Data operator.
+  profile   one more loop build under cProfile, for where the time goes (no ratio uses it).
   disk      the shard bytes written again to one file in OUT/shards with fsync (median of 3).
 --repeat rounds of loop, ray-1, ray-2 run interleaved and the fastest try of each is kept (every
 try's wall time is in the JSON). Each build runs in a fresh subprocess (this module with --child):
@@ -38,7 +40,15 @@ from bench.record import save
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "pipeline_throughput"
 RESULTS = ROOT / "results"
-TARGETS = {"cpu_stages_over_decode": 1.3, "ray1_over_loop": 1.10, "ray2_speedup": 1.8, "dsp_x_realtime": 50.0, "writer_over_disk": 0.80}
+# Issue 12's goals: CPU stages within 1.3x of one raw decode at 720p (2x at 240p, where decoding is
+# so cheap that the audio analysis alone costs more), Ray on 1 CPU within 1.15x of the plain loop.
+TARGETS = {"cpu_stages_over_decode": 1.3, "ray1_over_loop": 1.15, "ray2_speedup": 1.8, "dsp_x_realtime": 50.0, "writer_over_disk": 0.80,
+           "fused_speedup": 1.0}
+PROFILE_TOP = 25
+
+
+def targets(height: int) -> dict:
+    return {**TARGETS, "cpu_stages_over_decode": 1.3 if height >= 720 else 2.0}
 
 
 def machine() -> dict:
@@ -126,7 +136,18 @@ def child(spec: dict) -> None:
         t = time.perf_counter()
         init_ray(config)  # build() then reuses this session
         ray_init = time.perf_counter() - t
-    record = build(spec["input"], spec["output"], config, quiet=True)
+    if spec.get("profile"):  # where a loop build's time goes, by function (not used for any ratio)
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        record = profiler.runcall(build, spec["input"], spec["output"], config, quiet=True)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(PROFILE_TOP)
+        record["profile"] = text.getvalue()
+    else:
+        record = build(spec["input"], spec["output"], config, quiet=True)
     if config.runner.engine == "ray":
         import ray
 
@@ -168,12 +189,12 @@ class OtherCPU(threading.Thread):
         return round(sum(v - self.first.get(pid, 0.0) for pid, v in self.last.items()), 2)
 
 
-def run_build(name: str, inputs: Path, overrides: list[str], cores: set[int], timeout: float) -> dict:
+def run_build(name: str, inputs: Path, overrides: list[str], cores: set[int], timeout: float, profile: bool = False) -> dict:
     """One build in a fresh subprocess pinned to `cores`; a failure or a hang is recorded, not raised."""
     out, result = WORK / f"out_{name}", WORK / f"result_{name}.json"
     shutil.rmtree(out, ignore_errors=True)
     result.unlink(missing_ok=True)
-    spec = {"input": str(inputs), "output": str(out), "overrides": overrides, "result": str(result)}
+    spec = {"input": str(inputs), "output": str(out), "overrides": overrides, "result": str(result), "profile": profile}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always an embedded, fresh Ray
     info = {"overrides": overrides, "cores": len(cores)}
     t0 = time.perf_counter()
@@ -197,6 +218,7 @@ def run_build(name: str, inputs: Path, overrides: list[str], cores: set[int], ti
     c = rec["counts"]
     return {**info, **data, "wall_s": rec["wall_seconds"], "clip_seconds": rec["config"]["clip_seconds"],
             "clips_written": c["clips_written"], "counts_reconcile": c["sources_reconcile"] and c["clips_reconcile"],
+            "counters": rec.get("counters", {}), **({"profile": rec["profile"]} if "profile" in rec else {}),
             "stages": {k: {f: round(v, 3) for f, v in st.items()} for k, st in rec["stages"].items()},
             "shard_bytes": sum(p.stat().st_size for p in (out / "shards").glob("*.tar"))}
 
@@ -220,7 +242,8 @@ def measure(args) -> dict:
     base = {"pyav_all_cores": raw_pyav(files, every), "decord": raw_decord(files), "pyav_1core_passes": [raw_pyav(files, one)]}
     extra = ["runner.progress_bars=false", *args.set]
     plans = {"loop": (["runner.engine=loop", *extra], one), "ray1": (["runner.engine=ray", "runner.num_cpus=1", *extra], one),
-             "ray2": (["runner.engine=ray", f"runner.num_cpus={len(every)}", *extra], every)}
+             "ray2": (["runner.engine=ray", f"runner.num_cpus={len(every)}", *extra], every),
+             "ray1_unfused": (["runner.engine=ray", "runner.num_cpus=1", "runner.fuse_cpu_stages=false", *extra], one)}
     tries: dict[str, list[dict]] = {name: [] for name in plans}
     for _ in range(args.repeat):  # interleaved, so slow spells of a shared machine hit every run alike
         for name, (overrides, cores) in plans.items():
@@ -230,6 +253,7 @@ def measure(args) -> dict:
             limit = args.timeout or (600.0 if not tries["loop"] else max(120.0, 5 * tries["loop"][0].get("process_s", 120.0)))
             tries[name].append(run_build(name, inputs, overrides, cores, limit))
         base["pyav_1core_passes"].append(raw_pyav(files, one))
+    profiled = run_build("loop_profile", inputs, plans["loop"][0], one, 1800.0, profile=True)
     runs = {}
     for name, results in tries.items():  # keep the fastest try of each run
         done = [r for r in results if "wall_s" in r]
@@ -240,7 +264,7 @@ def measure(args) -> dict:
     for r in runs.values():
         if "wall_s" in r:
             r["clips_per_s"], r["x_realtime"] = ratio(r["clips_written"], r["wall_s"], 2), ratio(video_s, r["wall_s"], 2)
-    loop, ray1, ray2 = (runs[k] for k in ("loop", "ray1", "ray2"))
+    loop, ray1, ray2, unfused = (runs[k] for k in ("loop", "ray1", "ray2", "ray1_unfused"))
     stages = {k: {**st, "over_decode": ratio(st["seconds"], decode, 2)} for k, st in loop.get("stages", {}).items()}
     cpu_total = sum(st["seconds"] for st in stages.values()) if stages else None
     dsp, writer = stages.get("music_dsp", {}), stages.get("writer", {})
@@ -254,6 +278,8 @@ def measure(args) -> dict:
         "ray2_speedup": ratio(ray1.get("wall_s"), ray2.get("wall_s")),
         "dsp_x_realtime": ratio(dsp.get("rows_in", 0) * loop.get("clip_seconds", 0), dsp.get("seconds"), 1),
         "writer_over_disk": ratio(writer_bps, disk.get("bytes_per_s")),
+        "fused_speedup": ratio(unfused.get("wall_s"), ray1.get("wall_s")),
+        "rgb_frames_share": ratio(loop.get("counters", {}).get("segment.rgb_frames"), loop.get("counters", {}).get("segment.decoded_frames")),
     }
     status = git("status", "--porcelain", "--untracked-files=no").splitlines()
     return {"command": ".venv/bin/python -m bench.pipeline_throughput " + shlex.join(args.argv),
@@ -263,24 +289,27 @@ def measure(args) -> dict:
             "inputs": {"folder": str(inputs.relative_to(ROOT.parent)), "videos": len(files), "seconds_each": args.seconds,
                        "size": f"{args.width}x{args.height}", "fps": 25, "video_seconds": video_s},
             "baseline": base, "disk": disk, "writer_bytes_per_s": writer_bps, "loop_stages": stages,
-            "cpu_stages_seconds": cpu_total, "runs": runs, "ratios": ratios, "targets": TARGETS}
+            "cpu_stages_seconds": cpu_total, "runs": runs, "ratios": ratios, "targets": targets(args.height),
+            "profile": profiled.get("profile") or profiled.get("error")}
 
 
 def table(res: dict) -> str:
-    r, runs, base, disk = res["ratios"], res["runs"], res["baseline"], res["disk"]
+    r, runs, base, disk, goal = res["ratios"], res["runs"], res["baseline"], res["disk"], res["targets"]
     decode = base["pyav_1core"]["seconds"]
 
     def row(label: str, key: str, target: str, low: bool, pct: bool = False) -> str:
         v = r[key]
-        met = "n/a" if v is None else "yes" if (v <= TARGETS[key] if low else v >= TARGETS[key]) else "NO"
+        met = "n/a" if v is None else "yes" if (v <= goal[key] if low else v >= goal[key]) else "NO"
         return f"| {label} | {'n/a' if v is None else f'{v:.1%}' if pct else f'{v}x'} | {target} | {met} |"
 
     lines = ["| measure | value | target | met |", "|---|---|---|---|",
-             row("all CPU stages (loop, 1 core) / raw PyAV decode (1 core)", "cpu_stages_over_decode", "<= 1.3x", True),
-             row("Ray 1 CPU wall / loop wall (build() wall; Ray start-up excluded)", "ray1_over_loop", "<= 1.10x", True),
+             row("all CPU stages (loop, 1 core) / raw PyAV decode (1 core)", "cpu_stages_over_decode", f"<= {goal['cpu_stages_over_decode']}x", True),
+             row("Ray 1 CPU wall / loop wall (build() wall; Ray start-up excluded)", "ray1_over_loop", "<= 1.15x", True),
              row("Ray 2 CPU speed-up over Ray 1 CPU (build() wall)", "ray2_speedup", ">= 1.8x", False),
              row("music_dsp x real time per core", "dsp_x_realtime", ">= 50x", False),
-             row("writer bytes/s / sequential disk write with fsync", "writer_over_disk", ">= 80%", False, pct=True), "",
+             row("writer bytes/s / sequential disk write with fsync", "writer_over_disk", ">= 80%", False, pct=True),
+             row("Ray 1 CPU: CPU stages in one operator each / fused into one task (build() wall)", "fused_speedup", "> 1x", False),
+             f"| frames converted to RGB / frames decoded (segment) | {r['rgb_frames_share']} | | |", "",
              f"Baselines: raw PyAV decode on 1 core {decode} s ({base['pyav_1core']['fps']} frames/s; fastest of "
              f"{[d['seconds'] for d in base['pyav_1core_passes']]}), "
              f"{base['pyav_all_cores']['seconds']} s on all cores ({base['pyav_all_cores']['fps']} frames/s); raw decord "
@@ -297,6 +326,9 @@ def table(res: dict) -> str:
         else:
             lines.append(f"| {k} | {v['cores']} | {v['process_s']} | {v['ray_init_s']} | {v['wall_s']} | {v['clips_written']} | {v['clips_per_s']} | "
                          f"{v['x_realtime']} | {v['other_cpu_s']} |")
+    lines += ["", f"Profile of one loop build (1 core, cProfile, top {PROFILE_TOP} functions by own time; profiling slows "
+              "Python-heavy code more than C, so read it for where the time goes, not for the totals above):", "",
+              "```", (res.get("profile") or "not measured").strip(), "```"]
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.console import RunBar, quiet_ray  # noqa: E402
 from pipeline.carry import merge  # noqa: E402
 from pipeline.llm.serving import start_servers  # noqa: E402
 from pipeline.ownership import claim  # noqa: E402
@@ -30,6 +31,7 @@ from pipeline.stage import RunContext  # noqa: E402
 from pipeline.storage import Storage, StorageError  # noqa: E402
 from pipeline.summary import format_summary, reconcile  # noqa: E402
 from pipeline.weights import WeightsMissing  # noqa: E402
+from pipeline.worker_env import apply_here, worker_env  # noqa: E402
 
 PACKAGES = ("ray", "torch", "open_clip_torch", "diffusers", "numpy", "pyarrow", "webdataset", "decord", "av", "scenedetect-headless", "librosa", "mir_eval", "pydantic")
 NAMESPACE = "video-robin"
@@ -45,29 +47,37 @@ def versions() -> dict[str, str]:
     return out
 
 
-def init_ray(config: Config) -> str:
+def init_ray(config: Config, verbose: bool = False) -> str:
     import logging
 
     import ray
 
+    if not verbose:
+        quiet_ray()
+
     address = config.runner.ray_address or os.environ.get("RAY_ADDRESS")
+    # Workers' own output reaches this console only with --verbose (a stage's failure still comes
+    # back as an exception or a reject; librosa's per-clip warnings and Ray's worker logs do not).
+    common = dict(namespace=NAMESPACE, logging_level=logging.INFO if verbose else logging.WARNING,
+                  log_to_driver=verbose, runtime_env={"env_vars": worker_env()})
     if ray.is_initialized():  # a caller (tests, notebooks) brought its own
         where = "the current Ray session"
     elif address:
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        ray.init(address=address, **common)
         where = address
     else:
-        ray.init(address="local", num_cpus=config.runner.num_cpus, include_dashboard=False, namespace=NAMESPACE, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=config.runner.num_cpus, include_dashboard=False, **common)
         where = "embedded local Ray"
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = config.runner.progress_bars
+    ctx.enable_progress_bars = verbose and config.runner.progress_bars  # Ray Data's bars, one per operator
     ctx.execution_options.preserve_order = False
     ctx.print_on_execution_start = False
     return where
 
 
-def build(input_location: str, output_dir: str, config: Config, quiet: bool = False) -> dict:
-    """Run the pipeline; returns the run record (also written to OUT/runs/<run_id>.json)."""
+def build(input_location: str, output_dir: str, config: Config, quiet: bool = False, verbose: bool = False) -> dict:
+    """Run the pipeline; returns the run record (also written to OUT/runs/<run_id>.json). `quiet`:
+    print nothing; `verbose`: Ray's logs, Ray Data's bars and a line per chunk as well."""
     started = time.time()
     config, skipped = prepare_stages(config)  # before anything is written: a missing model fails fast
     if skipped and not quiet:
@@ -77,15 +87,17 @@ def build(input_location: str, output_dir: str, config: Config, quiet: bool = Fa
         print("[build] prompt_fusion: no llm.endpoint configured (nor llm.serve): prompts come from the "
               f"template composer ({config.prompts.template}), flagged llm_fallback=no_endpoint", flush=True)
     engine = config.runner.engine
-    where = init_ray(config) if engine == "ray" else "this process"
+    apply_here()
+    where = init_ray(config, verbose) if engine == "ray" else "this process"
     config, servers = start_servers(config, use_ray=engine == "ray", quiet=quiet)
     try:
-        return _build(input_location, output_dir, config, skipped, servers, started, where, quiet)
+        return _build(input_location, output_dir, config, skipped, servers, started, where, quiet, verbose)
     finally:
         servers.stop()
 
 
-def _build(input_location: str, output_dir: str, config: Config, skipped: dict, servers, started: float, where: str, quiet: bool) -> dict:
+def _build(input_location: str, output_dir: str, config: Config, skipped: dict, servers, started: float, where: str, quiet: bool,
+           verbose: bool) -> dict:
     import shutil
     import tempfile
 
@@ -111,7 +123,11 @@ def _build(input_location: str, output_dir: str, config: Config, skipped: dict, 
         from pipeline.runner import run_loop, run_ray
 
         runner = run_ray if config.runner.engine == "ray" else run_loop
-        run = runner(config, context, storage, progress, quiet=quiet)
+        bar = RunBar(plan.todo, enabled=not quiet and config.runner.progress_bars)
+        try:
+            run = runner(config, context, storage, progress, bar, verbose=verbose and not quiet)
+        finally:
+            bar.close()
         outcome = progress.reconcile(run_id)
         checksums, stats = committed_metadata(storage, run_id, outcome["shards"])
         stats = merge(stats, run.probe_stats)
@@ -157,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="folder, glob, manifest (.parquet/.jsonl/.csv) or file; local or fsspec URL")
     parser.add_argument("--output", required=True, help="output folder (shards/, index/, rejects/, runs/, probe/): local, s3:// or gs://")
     parser.add_argument("--config", help="YAML file or preset name in pipeline/configs/")
+    parser.add_argument("--verbose", action="store_true", help="Ray's own logs, Ray Data's per-operator bars and a line per chunk")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. writer.samples_per_shard=64")
     args = parser.parse_args(argv)
     try:
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         parser.error(f"bad configuration: {exc}")
     try:
-        record = build(args.input, args.output, config)
+        record = build(args.input, args.output, config, verbose=args.verbose)
     except WeightsMissing as exc:
         print(f"[build] ERROR: {exc}", file=sys.stderr)
         return 3

@@ -38,7 +38,6 @@ class SegmentConfig(Strict):
     # A clip may start up to this much later than the previous clip's end so that it begins on a cut.
     snap_seconds: float = 2.0
     max_clips_per_video: int | None = None
-    decoder: Literal["decord", "pyav"] = "decord"  # pyav is always the fallback
 
 
 class MusicDSPConfig(Strict):
@@ -180,7 +179,7 @@ class RunnerConfig(Strict):
     first_chunk_sources: int = 256
     sources_per_block: int = 4  # sources per Ray Data block of the streaming phase
     fuse_cpu_stages: bool = True  # consecutive stateless CPU stages share one task (false: one operator each)
-    progress_bars: bool = True
+    progress_bars: bool = True  # the run's one progress bar (Ray Data's own bars: --verbose)
 
 
 class Config(Strict):

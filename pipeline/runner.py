@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from pipeline.carry import REJECT, STATS, is_side, merge
 from pipeline.config import Config
+from pipeline.console import RunBar
 from pipeline.execution import StageRunner, chain_rows, run_stages_task, to_batches, to_rows
 from pipeline.progress import Progress
 from pipeline.stage import Row, RunContext
@@ -74,9 +75,9 @@ def write_probe_batch(batch, output_dir: str, run_id: str, chunk: int):
 class ChunkedRun:
     """The chunk loop shared by both engines; `probe` and `stream` are the engine's own."""
 
-    def __init__(self, config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True):
+    def __init__(self, config: Config, context: RunContext, storage: Storage, progress: Progress, bar: RunBar, verbose: bool = False):
         self.config, self.context, self.storage, self.progress = config, context, storage, progress
-        self.quiet = quiet
+        self.bar, self.verbose = bar, verbose
         self.probe_stats: dict = {}
         self.counts = {"probe_rejected": 0, "probe_deferred": 0, "duplicates": 0, "kept": 0, "written": 0}
 
@@ -97,14 +98,20 @@ class ChunkedRun:
             self.counts["duplicates"] += decided
             self.counts["kept"] += winners.num_rows
             self._commit_rejects(rejects + dups, n)
+            self.bar.advance(inputs=len(rejects) + decided)
             written = stream(winners) if winners.num_rows else 0
             self.counts["written"] += written
-            if not self.quiet:
+            if self.verbose:
                 rate = self.counts["written"] / max(time.perf_counter() - t_start, 1e-9)
-                print(f"[build] chunk {n}: {chunk.num_rows} inputs, {winners.num_rows} to curate, {decided} duplicates, "
+                self.bar.write(f"[build] chunk {n}: {chunk.num_rows} inputs, {winners.num_rows} to curate, {decided} duplicates, "
                       f"{len(rejects)} rejected at probe; {written} clips written in {time.perf_counter() - t0:.1f} s "
-                      f"(run so far: {self.counts['written']} clips, {rate:.2f} clips/s)", flush=True)
+                      f"(run so far: {self.counts['written']} clips, {rate:.2f} clips/s)")
         return self.counts
+
+    def committed(self, meta: dict) -> int:
+        """One writer output: the progress bar moves; returns the clips it wrote."""
+        self.bar.advance(inputs=meta.get("sources", 0), clips=meta["samples"])
+        return meta["samples"]
 
     def _probe_outcome(self, files: list[str]) -> list[dict]:
         if not files:
@@ -133,12 +140,12 @@ class ChunkedRun:
 
 # --- the single-process loop ---------------------------------------------------------------------
 
-def run_loop(config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True) -> ChunkedRun:
+def run_loop(config: Config, context: RunContext, storage: Storage, progress: Progress, bar: RunBar, verbose: bool = False) -> ChunkedRun:
     """Every stage in this process, one item at a time."""
     cfg_json = config.model_dump_json()
     runners = [StageRunner(name, cfg_json, context) for name in config.stages]
     probe_runner, middle, writer = runners[0], runners[1:-1], runners[-1]
-    run = ChunkedRun(config, context, storage, progress, quiet)
+    run = ChunkedRun(config, context, storage, progress, bar, verbose)
 
     def probe(chunk: pa.Table, n: int) -> None:
         rows = table_rows(input_rows(chunk))
@@ -151,7 +158,7 @@ def run_loop(config: Config, context: RunContext, storage: Storage, progress: Pr
 
         def flush() -> None:
             nonlocal written, buffer
-            written += sum(out["meta"]["samples"] for out in writer.run_rows(buffer))
+            written += sum(run.committed(out["meta"]) for out in writer.run_rows(buffer))
             buffer = []
 
         for source in table_rows(winners):
@@ -255,12 +262,12 @@ def warn_if_starved(config: Config, context: RunContext) -> str | None:
     return message
 
 
-def run_ray(config: Config, context: RunContext, storage: Storage, progress: Progress, quiet: bool = True) -> ChunkedRun:
+def run_ray(config: Config, context: RunContext, storage: Storage, progress: Progress, bar: RunBar, verbose: bool = False) -> ChunkedRun:
     import ray
 
     warn_if_starved(config, context)
     first, *rest = config.stages
-    run = ChunkedRun(config, context, storage, progress, quiet)
+    run = ChunkedRun(config, context, storage, progress, bar, verbose)
     probe_cpus = 1.0
 
     def probe(chunk: pa.Table, n: int) -> None:
@@ -278,7 +285,7 @@ def run_ray(config: Config, context: RunContext, storage: Storage, progress: Pro
         ds = ray.data.from_arrow(blocks(winners, per_block))
         for names in stage_groups(config, context, rest):
             ds = _map(ds, names, config, context)
-        return sum(json.loads(m)["samples"] for batch in ds.iter_batches(batch_size=None, batch_format="numpy")
+        return sum(run.committed(json.loads(m)) for batch in ds.iter_batches(batch_size=None, batch_format="numpy")
                    for m in batch["meta"])
 
     run.run(probe, stream)

@@ -25,6 +25,7 @@ from pipeline.storage import Storage
 from shards.schema import (ARRAY_MEMBERS, INDEX_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_META_KEY, STATS_META_KEY,
                            SampleMeta, index_row)
 
+ENCODED_MEMBERS = ("flac", "jpg")  # encoded upstream (shards/media.py), packed as they are
 MTIME = 1_700_000_000  # fixed member times: the same samples give byte-identical tars
 
 
@@ -34,23 +35,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def flac_bytes(audio: np.ndarray, rate: int = 48000) -> bytes:
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(audio.T, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
-    return buf.getvalue()
-
-
-def jpg_bytes(rgb: np.ndarray, quality: int = 85) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def encode_sample(row: Row, write_audio: bool, write_thumbnail: bool) -> dict[str, bytes]:
+def encode_sample(row: Row) -> dict[str, bytes]:
+    """The sample's tar members: its json, its arrays as .npy, and the FLAC and JPEG that segment
+    encoded (shards/media.py), as they are."""
     # Whether the learned features are there, said plainly (their stages may have been skipped).
     features = {"has_clip": "clip_embeddings" in row, "has_latent": "latent" in row}
     meta = SampleMeta.model_validate({**row["meta"], **features, "key": row["key"], "schema_version": SCHEMA_VERSION})
@@ -58,10 +45,9 @@ def encode_sample(row: Row, write_audio: bool, write_thumbnail: bool) -> dict[st
     for field, member in ARRAY_MEMBERS.items():
         if field in row:
             members[member] = npy_bytes(row[field])
-    if write_audio and "audio48" in row:
-        members["flac"] = flac_bytes(row["audio48"])
-    if write_thumbnail and "thumb" in row:
-        members["jpg"] = jpg_bytes(row["thumb"])
+    for member in ENCODED_MEMBERS:
+        if member in row:
+            members[member] = np.asarray(row[member], np.uint8).tobytes()
     return members
 
 
@@ -143,7 +129,7 @@ class Writer(Stage):
     A stateless Ray task: as many run at once as the cluster has room for (writer.workers caps it)."""
 
     name = "writer"
-    consumes = ("thumb", "audio48", *ARRAY_MEMBERS)
+    consumes = (*ENCODED_MEMBERS, *ARRAY_MEMBERS)
     takes_side_rows = True
     resources = Resources(num_cpus=0.5, batch_size=256)  # sized from config below
 
@@ -153,8 +139,6 @@ class Writer(Stage):
 
     def setup(self) -> None:
         import pandas  # noqa: F401  (pyarrow's first table build imports it: once, here)
-        import PIL.Image  # noqa: F401  (encoders load once per worker, not inside the first shard)
-        import soundfile  # noqa: F401
         import webdataset  # noqa: F401
 
         pa.Table.from_pylist([{"key": "warm-up"}]).to_pandas()
@@ -171,21 +155,23 @@ class Writer(Stage):
         rejects: list[dict] = []
         shards: list[tuple[str, pa.Table]] = []
         sink: ShardSink | None = None
-        samples = written = 0
+        samples = written = finished = 0  # finished: sources whose end this batch holds (for the progress bar)
         try:
             for row in rows:
                 merge(stats, take_stats(row))
                 meta = row["meta"]
                 if REJECT in meta:
                     rejects.append(meta[REJECT])
+                    finished += meta[REJECT]["level"] == "source" or bool(meta[REJECT].get("is_last_clip"))
                     continue
                 if is_side(row):
                     continue
                 samples += 1
+                finished += bool(meta.get("clip", {}).get("is_last"))
                 if row["key"] in done:
                     continue
                 try:
-                    members = encode_sample(row, cfg.write_audio, cfg.write_thumbnail)
+                    members = encode_sample(row)
                 except Exception as exc:  # e.g. a schema violation: this sample, not the shard, is lost
                     rejects.append(Reject.for_row(self.name, row, "encode_failed", f"{type(exc).__name__}: {exc}").to_record())
                     continue
@@ -221,4 +207,4 @@ class Writer(Stage):
                 table = table.replace_schema_metadata({**table.schema.metadata, **stats_metadata(run_id, stats)})
             check(self.storage, run_id)
             parquet_file(self.storage, f"index/{name}.parquet", table)
-        yield {"key": batch, "meta": {"shards": names, "samples": written, "rejects": len(rejects)}}
+        yield {"key": batch, "meta": {"shards": names, "samples": written, "rejects": len(rejects), "sources": finished}}

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from pipeline.worker_env import cache_root
+
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 MAX_FRAMES_PER_FORWARD = 256
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
@@ -151,7 +153,7 @@ def cached_tag_embeddings(model, model_name: str, weights: str, vocabulary_name:
     vocabulary = load_vocabulary(vocabulary_name)
     stat = Path(weights).stat()
     ident = json.dumps([model_name, str(Path(weights).resolve()), stat.st_size, stat.st_mtime_ns, vocabulary, str(dtype)])
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "video-robin" / "clip_tags"
+    root = cache_root() / "clip_tags"
     path = root / f"{hashlib.blake2b(ident.encode(), digest_size=16).hexdigest()}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as data:

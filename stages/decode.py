@@ -1,5 +1,5 @@
-"""decode: one sequential pass over a video's frames (decord, PyAV fallback) and its audio (PyAV,
-48 kHz stereo + 16 kHz mono). The segment stage drives both streams and cuts clips from them."""
+"""decode: one sequential PyAV pass over a video's frames and its audio (48 kHz stereo + 16 kHz
+mono). The segment stage drives both streams and cuts clips from them."""
 from __future__ import annotations
 
 import contextlib
@@ -7,11 +7,11 @@ from typing import BinaryIO, Callable, Iterator, Union
 
 import numpy as np
 
-FrameChunk = tuple[np.ndarray, np.ndarray]  # (times in s [n], rgb uint8 [n, h, w, 3])
-CHUNK = 32
 # What PyAV reads: a local filename, or an opener that returns a fresh binary file object per call
 # (`pipeline.sources.InputFile.open`: a remote input streamed through range reads).
 MediaSource = Union[str, Callable[[], BinaryIO]]
+# Pixel formats whose first plane is 8-bit luma: read in place, no conversion.
+LUMA_FIRST = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv411p", "yuv440p", "nv12", "nv21", "gray"}
 
 
 @contextlib.contextmanager
@@ -33,59 +33,45 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-def decord_frames(path: str, width: int, height: int) -> Iterator[FrameChunk]:
-    import decord
-
-    reader = decord.VideoReader(path, ctx=decord.cpu(0), width=width, height=height, num_threads=1)
-    n = len(reader)
-    if n == 0:
-        raise ValueError("decord found no frames")
-    starts = reader.get_frame_timestamp(np.arange(n))[:, 0]
-    starts = starts - starts[0]  # time 0 is the first frame, as in pyav_frames
-    for i in range(0, n, CHUNK):
-        idx = list(range(i, min(i + CHUNK, n)))
-        yield starts[idx].astype(np.float64), reader.get_batch(idx).asnumpy()
-
-
-def pyav_frames(source: MediaSource, width: int, height: int) -> Iterator[FrameChunk]:
+def video_frames(source: MediaSource) -> Iterator[tuple[float, object]]:
+    """(time, decoded frame) in display order, time 0 at the first frame. Frames stay in the
+    decoder's own pixel format: the shot detector and the motion signal read the luma plane, and
+    only the few frames the clips keep are converted to RGB (`rgb`)."""
     with open_container(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        times, frames = [], []
         origin = None
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
-            t = float(frame.pts * stream.time_base)
+            t = frame.time
             origin = t if origin is None else origin
-            times.append(t - origin)  # decord's timestamps also start at the first frame
-            frames.append(frame.to_ndarray(width=width, height=height, format="rgb24"))
-            if len(frames) == CHUNK:
-                yield np.asarray(times), np.stack(frames)
-                times, frames = [], []
-        if frames:
-            yield np.asarray(times), np.stack(frames)
+            yield t - origin, frame
 
 
-def video_frames(source: MediaSource, width: int, height: int, prefer: str = "decord") -> tuple[Iterator[FrameChunk], str]:
-    """Frames in display order with their times. decord first (unless told otherwise) for local
-    files; what it cannot open or decode at the start (AV1, odd containers) goes to PyAV, which
-    decodes anything. An opener (a streamed remote input) always goes to PyAV: decord reads only
-    filenames."""
-    if prefer == "decord" and isinstance(source, str):
-        path = source
-        try:
-            stream = decord_frames(path, width, height)
-            first = next(stream)
+def luma(frame) -> np.ndarray:
+    """The frame's luma plane as uint8 [h, w]: a view of the decoded plane where its format has one
+    (no copy), else a conversion to grey (RGB, 10-bit and other layouts)."""
+    if frame.format.name in LUMA_FIRST:
+        plane = frame.planes[0]
+        rows = np.frombuffer(plane, np.uint8, count=plane.line_size * plane.height).reshape(plane.height, plane.line_size)
+        return rows[: frame.height, : frame.width]
+    return frame.to_ndarray(format="gray")
 
-            def chained() -> Iterator[FrameChunk]:
-                yield first
-                yield from stream
 
-            return chained(), "decord"
-        except Exception:  # decord raises its own DECORDError and plain RuntimeErrors
-            pass
-    return pyav_frames(source, width, height), "pyav"
+class RGB:
+    """Frames to RGB at one size. One reformatter per video: it keeps its scaler between frames
+    (a fresh one per frame costs more than the conversion at small sizes); area averaging, the
+    right filter for shrinking."""
+
+    def __init__(self, width: int, height: int):
+        from av.video.reformatter import VideoReformatter
+
+        self.width, self.height, self._reformatter = width, height, VideoReformatter()
+
+    def __call__(self, frame) -> np.ndarray:
+        return self._reformatter.reformat(frame, width=self.width, height=self.height, format="rgb24",
+                                          interpolation="AREA").to_ndarray()
 
 
 class AudioTrack:

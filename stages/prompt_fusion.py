@@ -39,6 +39,7 @@ from string import Template
 from typing import Any, Iterable
 
 from pipeline.stage import Reject, Resources, Row, Stage
+from pipeline.worker_env import cache_root
 from prompts.fusion_schema import FUSION_SCHEMA_VERSION, FusionAnswer, json_schema
 from stages.fusion_reconcile import measured_progression, reconcile
 from stages.template_prompts import PROMPTS_DIR, describe, load_template
@@ -225,8 +226,7 @@ def cache_folder(output_dir: str) -> Path:
     this node's disk, one per output, so a resumed run on the same node still skips answered clips."""
     if "://" not in output_dir or output_dir.startswith("file://"):
         return Path(output_dir.removeprefix("file://")) / "cache" / "prompt_fusion"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "video-robin" / "prompt_fusion" / hashlib.sha256(output_dir.encode()).hexdigest()[:16]
+    return cache_root() / "prompt_fusion" / hashlib.sha256(output_dir.encode()).hexdigest()[:16]
 
 
 class PromptFusion(Stage):

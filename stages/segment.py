@@ -8,38 +8,46 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import cv2
 import numpy as np
 
 from pipeline.errors import configure_fsspec, is_retryable, retry_io
 from pipeline.sources import InputFile, TooLargeToCopy, open_input
 from pipeline.stage import Reject, Resources, Row, Stage
-from stages.decode import AudioTrack, MediaSource, scaled_size, video_frames
+from shards.media import encode_media
+from stages.decode import RGB, AudioTrack, MediaSource, luma, scaled_size, video_frames
 from stages.visual_rhythm import RHYTHM_HZ, frame_motion, resample_max
 
-MOTION_STRIDE = 4  # frames are compared on every 4th pixel: motion, not detail
-DETECT_STRIDE = 2  # the shot detector sees ~112 px frames; cuts do not need detail
+DETECT_SHORT_SIDE = 112  # the shot detector sees ~112 px of luma: cuts do not need detail
+MOTION_SHORT_SIDE = 56  # and the motion signal ~56 px: motion, not detail
+DECODER = "pyav"  # recorded per clip (meta.clip.decoder)
+PENDING_FRAMES = 8  # decoded frames held until it is known whether a clip keeps them (> the detector's lag)
 
 
 class ShotDetector:
-    """AdaptiveDetector fed with frames we already decoded; returns cut times in seconds."""
+    """PySceneDetect's AdaptiveDetector on the luma plane we already decoded (its `luma_only`
+    mode, without the HSV conversion that mode still pays); returns cut times in seconds."""
 
     def __init__(self, fps: float, threshold: float, min_content_val: float, min_shot_seconds: float):
         from scenedetect import AdaptiveDetector, FrameTimecode
+        from scenedetect.detectors.content_detector import _mean_pixel_distance
+
+        class LumaAdaptiveDetector(AdaptiveDetector):
+            def _calculate_frame_score(self, timecode, lum: np.ndarray) -> float:
+                last, self._last_frame = self._last_frame, lum
+                return 0.0 if last is None else _mean_pixel_distance(lum, last)
 
         self._timecode = lambda i: FrameTimecode(i, fps=fps)
-        self._detector = AdaptiveDetector(
+        self._detector = LumaAdaptiveDetector(
             adaptive_threshold=threshold,
             min_content_val=min_content_val,
             min_scene_len=max(1, int(round(min_shot_seconds * fps))),
+            luma_only=True,
         )
         self._times: list[float] = []
 
-    def feed(self, index: int, seconds: float, rgb: np.ndarray) -> list[float]:
+    def feed(self, index: int, seconds: float, lum: np.ndarray) -> list[float]:
         self._times.append(seconds)
-        h, w = rgb.shape[:2]  # nearest-neighbour halving: the same pixels as rgb[::2, ::2], 4x faster
-        small = cv2.resize(rgb, (w // DETECT_STRIDE, h // DETECT_STRIDE), interpolation=cv2.INTER_NEAREST)
-        cuts = self._detector.process_frame(self._timecode(index), cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+        cuts = self._detector.process_frame(self._timecode(index), lum)
         # Cuts come back as frame numbers a few frames late; map them to true (VFR-safe) times.
         return [self._times[c.frame_num] for c in cuts]
 
@@ -56,37 +64,85 @@ class ClipCutter:
     """Buffers the last few seconds of frames and motion and emits clip windows.
 
     A window is [start, start + L). The next window starts at the first cut within `snap` seconds
-    after the previous end (so clips begin on shot boundaries when one is near), else at the end."""
+    after the previous end (so clips begin on shot boundaries when one is near), else at the end.
+    A clip keeps the frame nearest each point of its frame_fps grid. Frames arrive undecoded to
+    RGB and wait PENDING_FRAMES frames (until the cuts around them are known); then only those
+    that some possible window start would keep are converted (`to_rgb`), the rest dropped."""
 
-    def __init__(self, cfg, fps_hint: float):
+    def __init__(self, cfg, fps_hint: float, to_rgb):
         self.length = cfg.clip_seconds
         self.snap = cfg.segment.snap_seconds
         self.frame_fps = cfg.frame_fps
+        self.grid_n = int(round(self.length * self.frame_fps))
         self.lag = 4.0 / max(fps_hint, 1.0)  # the detector reports cuts a couple of frames late
+        self.to_rgb = to_rgb
         self.times: list[float] = []
-        self.frames: list[np.ndarray] = []
+        self.frames: list[np.ndarray | None] = []  # RGB crops; None for frames no window keeps
+        self.pending: list[tuple[int, object]] = []  # (position in times, decoded frame)
         self.motion_t: list[float] = []
         self.motion_v: list[float] = []
         self.cuts: list[float] = []
         self.start = 0.0
         self.index = 0
+        self.converted = 0
+        self.fallbacks = 0  # picks whose frame was not converted (the selection missed one): should stay 0
 
-    def add(self, t: float, crop: np.ndarray, motion: float | None, cuts: list[float]) -> None:
+    def add(self, t: float, frame, motion: float | None, cuts: list[float]) -> None:
         self.times.append(t)
-        self.frames.append(crop)
+        self.frames.append(None)
+        self.pending.append((len(self.times) - 1, frame))
         if motion is not None:
             self.motion_t.append(t)
             self.motion_v.append(motion)
         self.cuts.extend(cuts)
+        self._settle(keep=PENDING_FRAMES)
+
+    def _starts(self, until: float) -> list[float]:
+        """Every window start up to `until` that the known cuts allow (a superset of the real one)."""
+        found, frontier = [], [self.start]
+        while frontier:
+            o = frontier.pop()
+            if o > until or any(abs(o - f) < 1e-9 for f in found):
+                continue
+            found.append(o)
+            end = o + self.length
+            frontier += [end, *(c for c in self.cuts if end <= c <= end + self.snap)]
+        return found
+
+    def _kept(self, i: int, last: bool) -> bool:
+        """Whether frame i is the nearest frame to a grid point of some possible window: the grid
+        points it wins lie in (midpoint with the previous frame, midpoint with the next], as in take()."""
+        t, eps = self.times[i], 1e-6
+        lo = (self.times[i - 1] + t) / 2 - eps if i else -np.inf
+        hi = np.inf if last else (t + self.times[i + 1]) / 2 + eps
+        for o in self._starts(min(hi, self.times[-1])):  # no window that fits starts after the last frame
+            m = max(0, int(np.floor((lo - o) * self.frame_fps)) + 1) if np.isfinite(lo) else 0
+            if m < self.grid_n and o + m / self.frame_fps <= hi:
+                return True
+        return False
+
+    def _settle(self, keep: int = 0, before: float = np.inf, end_of_video: bool = False) -> None:
+        """Decide the pending frames, oldest first, but the newest `keep` and those from `before` on."""
+        while len(self.pending) > keep and self.times[self.pending[0][0]] < before:
+            i, frame = self.pending[0]
+            last = end_of_video and i == len(self.times) - 1
+            if not last and i + 1 >= len(self.times):  # its successor is not decoded yet
+                return
+            self.pending.pop(0)
+            if self._kept(i, last):
+                self.frames[i] = self.to_rgb(frame)
+                self.converted += 1
 
     def ready(self, now: float) -> bool:
         return now >= self.start + self.length + self.snap + self.lag
 
-    def take(self) -> dict:
+    def take(self, end_of_video: bool = False) -> dict:
         """The current window's clip, then advance to the next window."""
         start, end = self.start, self.start + self.length
+        # This window's frames are decided now; later ones wait for the cuts around them.
+        self._settle(before=np.inf if end_of_video else end + 1.0 / self.frame_fps, end_of_video=end_of_video)
         times = np.asarray(self.times)
-        grid = start + np.arange(int(round(self.length * self.frame_fps))) / self.frame_fps
+        grid = start + np.arange(self.grid_n) / self.frame_fps
         nearest = np.clip(np.searchsorted(times, grid), 0, len(times) - 1)
         earlier = np.clip(nearest - 1, 0, len(times) - 1)
         pick = np.where(np.abs(times[earlier] - grid) <= np.abs(times[nearest] - grid), earlier, nearest)
@@ -96,18 +152,25 @@ class ClipCutter:
             "end": end,
             "index": self.index,
             "cuts": [round(c - start, 4) for c in inside],
-            "frames": np.stack([self.frames[i] for i in pick]),
+            "frames": np.stack([self._frame(i) for i in pick]),
             "motion_25hz": resample_max(np.asarray(self.motion_t) - start, np.asarray(self.motion_v), self.length, RHYTHM_HZ),
         }
         after = [c for c in self.cuts if end <= c <= end + self.snap]
         self.start = after[0] if after else end
         self.index += 1
-        keep = np.searchsorted(times, self.start - 1.0 / max(self.frame_fps, 1.0))
+        keep = int(np.searchsorted(times, self.start - 1.0 / max(self.frame_fps, 1.0)))
         self.times, self.frames = self.times[keep:], self.frames[keep:]
+        self.pending = [(i - keep, f) for i, f in self.pending if i >= keep]
         m = np.searchsorted(np.asarray(self.motion_t), self.start - 1.0)
         self.motion_t, self.motion_v = self.motion_t[m:], self.motion_v[m:]
         self.cuts = [c for c in self.cuts if c > self.start - 1.0]
         return clip
+
+    def _frame(self, i: int) -> np.ndarray:
+        if self.frames[i] is None:  # not expected; the nearest converted frame stands in
+            self.fallbacks += 1
+            i = min((j for j, f in enumerate(self.frames) if f is not None), key=lambda j: abs(self.times[j] - self.times[i]))
+        return self.frames[i]
 
     def fits(self, end_of_video: float) -> bool:
         return self.start + self.length <= end_of_video + 1e-6
@@ -122,21 +185,23 @@ def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 class Segment(Stage):
     name = "segment"
     resources = Resources(num_cpus=1, batch_size=1)
-    # The writer needs one frame for the thumbnail: it travels alone, so the 4 fps frames stop
-    # after their last consumer (clip_embed), or right here when nothing reads them.
-    produces = ("frames", "thumb", "motion_25hz", "audio48", "audio16")
+    # The FLAC and the thumbnail JPEG are encoded here, in parallel tasks (shards/media.py): the
+    # 4 fps frames stop after their last consumer (clip_embed), or right here when nothing reads
+    # them, and the float audio after vae_latents, or here.
+    produces = ("frames", "motion_25hz", "audio48", "audio16", "flac", "jpg")
 
     def setup(self) -> None:
-        import av  # noqa: F401  (decoders and the detector load their libraries once, here)
-        import decord  # noqa: F401
+        import av  # noqa: F401  (the decoder, the detector and the encoders load once, here)
+        import PIL.Image  # noqa: F401
         import scenedetect  # noqa: F401
+        import soundfile  # noqa: F401
 
     def process(self, rows: list[Row]) -> Iterable[Row | Reject]:
         for row in rows:
             yield from self._clips(row)
 
     def _clips(self, row: Row) -> Iterator[Row | Reject]:
-        """Clips of one source. Local inputs decode by filename (decord, else PyAV); remote ones
+        """Clips of one source. Local inputs decode by filename; remote ones
         stream into PyAV through range reads, with no local copy. Transient I/O errors before the
         first clip restart the source (sources.io_attempts); one that outlasts the retries, or one
         after clips went out, defers the rest of the source to the next run (a retryable reject;
@@ -250,32 +315,40 @@ class Segment(Stage):
         video = probe["video"]
         fps = video["fps"] or 25.0
         width, height = scaled_size(video["width"], video["height"], cfg.frame_size)
-        frames, decoder = video_frames(media, width, height, prefer=seg.decoder)
-        audio = None
+        frames = video_frames(media)
+        audio, index = None, 0
+        to_rgb = RGB(width, height)
+        cutter = ClipCutter(cfg, fps, lambda frame: center_crop(to_rgb(frame), cfg.frame_size))
         try:
             detector = ShotDetector(fps, seg.adaptive_threshold, seg.min_content_val, seg.min_shot_seconds)
-            cutter = ClipCutter(cfg, fps)
             audio = AudioTrack(media)
-            prev_small, index, last_t, frame_step = None, 0, 0.0, 1.0 / fps
+            prev_small, last_t, frame_step = None, 0.0, 1.0 / fps
             max_clips = seg.max_clips_per_video
-            for times, chunk in frames:
-                for t, rgb in zip(times, chunk):
-                    small = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[::MOTION_STRIDE, ::MOTION_STRIDE]
-                    motion = frame_motion(prev_small, small) if prev_small is not None else None
-                    prev_small = small
-                    cuts = detector.feed(index, float(t), rgb)
-                    cutter.add(float(t), center_crop(rgb, cfg.frame_size), motion, cuts)
-                    if index:
-                        frame_step = float(t) - last_t
-                    last_t, index = float(t), index + 1
-                    while cutter.ready(last_t):
-                        yield self._with_audio(cutter.take(), audio), decoder
-                        if max_clips and cutter.index >= max_clips:
-                            return
+            steps = None
+            for t, frame in frames:
+                y = luma(frame)
+                if steps is None:  # subsampling strides from the decoded size
+                    steps = [max(1, round(min(y.shape) / side)) for side in (DETECT_SHORT_SIDE, MOTION_SHORT_SIDE)]
+                small = y[:: steps[1], :: steps[1]]
+                motion = frame_motion(prev_small, small) if prev_small is not None else None
+                prev_small = small
+                cuts = detector.feed(index, t, np.ascontiguousarray(y[:: steps[0], :: steps[0]]))
+                cutter.add(t, frame, motion, cuts)
+                if index:
+                    frame_step = t - last_t
+                last_t, index = t, index + 1
+                while cutter.ready(last_t):
+                    yield self._with_audio(cutter.take(), audio), DECODER
+                    if max_clips and cutter.index >= max_clips:
+                        return
             end_of_video = last_t + frame_step
             while cutter.fits(end_of_video) and not (max_clips and cutter.index >= max_clips):
-                yield self._with_audio(cutter.take(), audio), decoder
+                yield self._with_audio(cutter.take(end_of_video=True), audio), DECODER
         finally:
+            self.count("decoded_frames", index)
+            self.count("rgb_frames", cutter.converted)
+            if cutter.fallbacks:
+                self.count("frame_fallbacks", cutter.fallbacks)
             try:
                 if audio is not None:
                     audio.close()
@@ -304,12 +377,13 @@ class Segment(Stage):
             "is_last": False,
         }
         meta["flags"] = {}
-        return {
+        row = {
             "key": f"{source_id}_{start_ms:08d}",
             "meta": meta,
             "frames": clip["frames"],
             "motion_25hz": clip["motion_25hz"],
             "audio48": clip["audio48"],
             "audio16": clip["audio16"],
-            "thumb": clip["frames"][len(clip["frames"]) // 2],
         }
+        out = self.config.writer
+        return encode_media(row, clip["audio48"], clip["frames"][len(clip["frames"]) // 2], out.write_audio, out.write_thumbnail)

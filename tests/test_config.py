@@ -42,7 +42,7 @@ def test_cli_reports_a_bad_config_without_a_traceback(capsys, tmp_path):
 def test_arrays_are_freed_after_their_last_consumer():
     drops = drops_after(load_config(None, []).stages)
     assert set(drops["visual_rhythm"]) == {"onset_25hz", "beat_25hz", "motion_25hz"}
-    assert {"thumb", "audio48"} <= set(drops["writer"]) and "frames" in drops["clip_embed"]
+    assert {"flac", "jpg"} <= set(drops["writer"]) and "frames" in drops["clip_embed"] and "audio48" in drops["vae_latents"]
     # audio16 lives until MusicFlamingo has heard it; without that stage, music_dsp is its last reader.
     assert "audio16" in drops["music_captions"] and "audio16" not in drops["music_dsp"]
     without = [s for s in load_config(None, []).stages if s != "music_captions"]

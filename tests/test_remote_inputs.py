@@ -129,7 +129,7 @@ def tmpdir_watch(tmp_path, monkeypatch):
 
 def config(**overrides):
     # PyAV on both sides: remote inputs always decode with PyAV, so the frames must be identical.
-    return small_config(**{"segment.decoder": "pyav", "sources.io_backoff_seconds": "0.01", **overrides})
+    return small_config(**{"sources.io_backoff_seconds": "0.01", **overrides})
 
 
 def probe_row(cfg, path):

@@ -113,15 +113,39 @@ def test_av1_decodes_through_the_pyav_fallback(tmp_path):
     check_cuts(clips, truth, 1.0 / truth["fps"] + 1e-6)
 
 
-def test_h264_uses_decord_and_pyav_agrees(tmp_path):
+def reference_frames(cfg, path, start):
+    """Every frame converted to RGB, then the frame nearest each grid point of a clip from `start`
+    (ties to the earlier frame): what segment keeps while converting only those."""
+    from stages.decode import RGB, scaled_size, video_frames
+    from stages.segment import center_crop
+
+    video = probe_row(cfg, path)["meta"]["probe"]["video"]
+    to_rgb = RGB(*scaled_size(video["width"], video["height"], cfg.frame_size))
+    times, frames = zip(*((t, center_crop(to_rgb(f), cfg.frame_size)) for t, f in video_frames(str(path))))
+    times = np.asarray(times)
+    grid = start + np.arange(int(round(cfg.clip_seconds * cfg.frame_fps))) / cfg.frame_fps
+    nearest = np.clip(np.searchsorted(times, grid), 0, len(times) - 1)
+    earlier = np.clip(nearest - 1, 0, len(times) - 1)
+    pick = np.where(np.abs(times[earlier] - grid) <= np.abs(times[nearest] - grid), earlier, nearest)
+    return np.stack([frames[i] for i in pick])
+
+
+@pytest.mark.parametrize("clip_seconds,snap,fps,vfr", [(4.0, 2.0, 25.0, False), (2.0, 2.0, 30.0, False), (3.0, 0.5, 25.0, True)])
+def test_only_the_kept_frames_are_converted_and_they_are_the_nearest(tmp_path, clip_seconds, snap, fps, vfr):
     path = tmp_path / "v.mp4"
-    make_video(path, seconds=12.0, seed=9)
-    by_decord = clips_of(small_config(), path)
-    by_pyav = clips_of(small_config(**{"segment.decoder": "pyav"}), path)
-    assert by_decord[0]["meta"]["clip"]["decoder"] == "decord" and by_pyav[0]["meta"]["clip"]["decoder"] == "pyav"
-    assert [c["key"] for c in by_decord] == [c["key"] for c in by_pyav]
-    diff = np.abs(by_decord[0]["frames"].astype(int) - by_pyav[0]["frames"].astype(int)).mean()
-    assert diff < 4.0  # the same frames, up to scaler rounding
+    make_video(path, seconds=14.0, fps=fps, vfr=vfr, seed=9)
+    cfg = small_config(**{"clip_seconds": clip_seconds, "segment.snap_seconds": snap})
+    stage = Segment(cfg, RunContext("unused", "test"))
+    clips = [c for c in stage.process([probe_row(cfg, path)])]
+    counters = stage.take_counters()
+    assert len(clips) >= 3 and all(c["meta"]["clip"]["decoder"] == "pyav" for c in clips)
+    assert any(c["meta"]["clip"]["start"] % clip_seconds > 1e-6 for c in clips[1:]) or snap < 1  # some clip starts on a cut
+    for clip in clips:
+        expected = reference_frames(cfg, path, clip["meta"]["clip"]["start"])
+        assert np.array_equal(clip["frames"], expected), clip["key"]
+    assert "frame_fallbacks" not in counters
+    # RGB for a fraction of the frames: frame_fps of every fps, plus the grids of the starts cuts allow.
+    assert counters["rgb_frames"] < counters["decoded_frames"] / 2, counters
 
 
 def test_done_keys_are_not_emitted_again(tmp_path):

@@ -70,7 +70,8 @@ def test_outputs_that_cannot_work_are_refused(tmp_path, s3_server):
 def test_arrays_stop_travelling_after_their_last_reader():
     stages = ["probe", "segment", "music_dsp", "visual_rhythm", "clip_embed", "vae_latents", "prompt_fusion", "writer"]
     drops = drops_after(stages)
-    assert "frames" in drops["clip_embed"] and "audio16" in drops["music_dsp"] and "audio48" in drops["writer"]
-    assert "thumb" in drops["writer"]  # the writer's jpg needs one frame, not all 40
+    assert "frames" in drops["clip_embed"] and "audio16" in drops["music_dsp"] and "audio48" in drops["vae_latents"]
+    assert {"flac", "jpg"} <= set(drops["writer"])  # encoded in segment: the writer reads bytes, not 40 frames
+    assert "audio48" in drops_after([s for s in stages if s != "vae_latents"])["segment"]  # float audio never leaves segment
     without_clip = drops_after([s for s in stages if s != "clip_embed"])
     assert "frames" in without_clip["segment"]  # nothing reads them: they never leave the segment task

@@ -20,6 +20,7 @@ from pipeline.ownership import Superseded, claim
 from pipeline.progress import Progress, clean_uncommitted, committed_metadata
 from pipeline.stage import Reject, RunContext
 from pipeline.storage import Storage
+from shards.media import encode_media
 from shards.schema import STATS_META_KEY
 from shards.writer import Writer, content_name
 
@@ -28,19 +29,19 @@ from helpers import small_config
 
 def clip_row(i: int, source: str = "s1", last: bool = False) -> dict:
     rng = np.random.default_rng(i)
-    return {
+    row = {
         "key": f"{source}_{i * 10000:08d}",
         "meta": {
             "source": {"path": f"/videos/{source}.mp4", "source_id": source},
             "probe": {"duration": 60.0, "video": {"codec": "h264", "width": 320, "height": 240, "fps": 25.0}, "audio": {"channels": 2, "sample_rate": 48000}},
-            "clip": {"index": i, "start": i * 10.0, "end": i * 10.0 + 10, "duration": 10.0, "cut_times": [], "shots": [[0.0, 10.0]], "decoder": "decord", "is_last": last},
+            "clip": {"index": i, "start": i * 10.0, "end": i * 10.0 + 10, "duration": 10.0, "cut_times": [], "shots": [[0.0, 10.0]], "decoder": "pyav", "is_last": last},
             "music": {"tempo_bpm": 120.0 + i, "key": "C major", "mode": "major", "chords": [{"start": 0, "end": 10, "label": "C:maj"}]},
             "flags": {},
         },
         "rhythm": rng.random((4, 250)).astype(np.float16),
-        "audio48": (rng.standard_normal((2, 480000)) * 0.1).astype(np.float32),
-        "thumb": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),
     }
+    audio = (rng.standard_normal((2, 480000)) * 0.1).astype(np.float32)
+    return encode_media(row, audio, rng.integers(0, 255, (224, 224, 3), dtype=np.uint8), True, True)
 
 
 def take_over(out, run_id: str) -> None:
@@ -66,10 +67,11 @@ def tars(out: Path) -> list[str]:
 
 
 def test_one_call_writes_final_shards_and_their_index(tmp_path):
-    rows = [clip_row(i) for i in range(3)]
+    rows = [clip_row(i, last=i == 2) for i in range(3)]
     (result,) = list(writer_for(tmp_path).run(rows))
     name = content_name(r["key"] for r in rows)
-    assert result["meta"] == {"shards": [name], "samples": 3, "rejects": 0}
+    # "sources": the sources this batch finished (their last clip is in it), for the progress bar
+    assert result["meta"] == {"shards": [name], "samples": 3, "rejects": 0, "sources": 1}
     assert tars(tmp_path) == [f"{name}.tar"]
     index = pads.dataset(str(tmp_path / "index")).to_table().to_pylist()
     assert [r["key"] for r in index] == [r["key"] for r in rows] and index[0]["tempo_bpm"] == 120.0
