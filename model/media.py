@@ -22,11 +22,9 @@ def read_conditions(path: str, config, seconds: float, grid_times: np.ndarray | 
     """One decoding pass over [0, seconds] of the video, as the segment stage does it (frames scaled to
     `frame_size` on the short side, centre-cropped). Returns frames [len(grid_times), S, S, 3] uint8
     nearest the requested times, and with `rhythm` the [2, frames] cut and motion channels."""
-    import cv2
-
-    from stages.decode import scaled_size, video_frames
+    from stages.decode import RGB, luma, scaled_size, video_frames
     from stages.probe import read_streams
-    from stages.segment import MOTION_STRIDE, ShotDetector, center_crop
+    from stages.segment import ShotDetector, analysis_steps, center_crop
     from stages.visual_rhythm import frame_motion, impulses, resample_max
 
     info = read_streams(path)
@@ -34,38 +32,40 @@ def read_conditions(path: str, config, seconds: float, grid_times: np.ndarray | 
     if not video:
         raise ValueError(f"{path}: no video stream")
     size = config.frame_size
-    width, height = scaled_size(video["width"], video["height"], size)
-    frames, _ = video_frames(path, width, height, prefer=config.segment.decoder)
+    to_rgb = RGB(*scaled_size(video["width"], video["height"], size))
     want = np.asarray([] if grid_times is None else grid_times, np.float64)
-    best: list[tuple[float, np.ndarray] | None] = [None] * len(want)
+    best: list[tuple[float, object] | None] = [None] * len(want)  # (distance, decoded frame) per time
     seg = config.segment
     fps = video.get("fps") or 25.0
     detector = ShotDetector(fps, seg.adaptive_threshold, seg.min_content_val, seg.min_shot_seconds) if rhythm else None
-    cuts, motion_t, motion_v, prev, index = [], [], [], None, 0
+    cuts, motion_t, motion_v, prev, index, steps = [], [], [], None, 0, None
     horizon = seconds + 0.5
-    for times, chunk in frames:
-        for t, rgb in zip(times, chunk):
-            t = float(t)
+    frames = video_frames(path)
+    try:
+        for t, frame in frames:
             if t > horizon:
                 break
-            if len(want):
-                crop = None
-                for i in np.flatnonzero(np.abs(want - t) <= 1.0):
-                    d = abs(want[i] - t)
-                    if best[i] is None or d < best[i][0]:
-                        crop = center_crop(rgb, size) if crop is None else crop
-                        best[i] = (d, crop)
-            if detector is not None:
-                small = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[::MOTION_STRIDE, ::MOTION_STRIDE]
+            for i in np.flatnonzero(np.abs(want - t) <= 1.0):
+                d = abs(want[i] - t)
+                if best[i] is None or d < best[i][0]:
+                    best[i] = (d, frame)
+            if detector is not None:  # luma only, as segment does it
+                y = luma(frame)
+                steps = steps or analysis_steps(y)
+                small = y[:: steps[1], :: steps[1]]
                 if prev is not None:
                     motion_t.append(t)
                     motion_v.append(frame_motion(prev, small))
                 prev = small
-                cuts.extend(detector.feed(index, t, rgb))
+                cuts.extend(detector.feed(index, t, np.ascontiguousarray(y[:: steps[0], :: steps[0]])))
             index += 1
-        else:
-            continue
-        break
+    finally:
+        frames.close()
+    converted: dict[int, np.ndarray] = {}  # RGB once per kept frame, however many times pick it
+    for b in best:
+        if b is not None and id(b[1]) not in converted:
+            converted[id(b[1])] = center_crop(to_rgb(b[1]), size)
+    best = [None if b is None else (b[0], converted[id(b[1])]) for b in best]
     if index == 0:
         raise ValueError(f"{path}: no decodable video frames")
     out: dict = {"duration": float(info.get("duration") or 0.0), "video": video}

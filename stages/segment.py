@@ -23,6 +23,11 @@ DECODER = "pyav"  # recorded per clip (meta.clip.decoder)
 PENDING_FRAMES = 8  # decoded frames held until it is known whether a clip keeps them (> the detector's lag)
 
 
+def analysis_steps(y: np.ndarray) -> tuple[int, int]:
+    """Subsampling strides of the luma plane for the shot detector and for the motion signal."""
+    return tuple(max(1, round(min(y.shape) / side)) for side in (DETECT_SHORT_SIDE, MOTION_SHORT_SIDE))
+
+
 class ShotDetector:
     """PySceneDetect's AdaptiveDetector on the luma plane we already decoded (its `luma_only`
     mode, without the HSV conversion that mode still pays); returns cut times in seconds."""
@@ -327,8 +332,7 @@ class Segment(Stage):
             steps = None
             for t, frame in frames:
                 y = luma(frame)
-                if steps is None:  # subsampling strides from the decoded size
-                    steps = [max(1, round(min(y.shape) / side)) for side in (DETECT_SHORT_SIDE, MOTION_SHORT_SIDE)]
+                steps = steps or analysis_steps(y)  # from the decoded size
                 small = y[:: steps[1], :: steps[1]]
                 motion = frame_motion(prev_small, small) if prev_small is not None else None
                 prev_small = small
