@@ -290,7 +290,7 @@ def run_build(name: str, manifest: str, work: Path, extra: list[str], timeout: f
     logs.mkdir(parents=True, exist_ok=True)
     overrides = [*SETTINGS, *extra]
     cmd = [sys.executable, str(REPO / "pipeline" / "build.py"), "--input", manifest, "--output", str(out), *overrides]
-    info: dict = {"name": name, "overrides": overrides, "log": str((logs / f"{name}.log").relative_to(REPO))}
+    info: dict = {"name": name, "overrides": overrides, "log": shown(logs / f"{name}.log")}
     print(f"[scale] {name}: starting the cluster ({NODES} nodes x {CPUS_PER_NODE} CPU)", flush=True)
     t0 = time.monotonic()
     others = OtherCPU()
@@ -377,7 +377,7 @@ def markdown(res: dict) -> str:
              f"{res['inputs']['bytes_each']} bytes), each source one of them plus a unique trailing `free` box (no re-encode; "
              f"check: padded file decodes and probes like its base, own content id: {'ok' if res['verify']['ok'] else 'FAILED'}). "
              f"Manifest parquet with a `path` column; every source makes one clip.", "",
-             f"Settings for every size: `{' '.join(SETTINGS)}`; chunking left at its defaults "
+             f"Settings for every size: `{' '.join(res['settings'])}`; chunking "
              f"({', '.join(f'{k}={v}' for k, v in res['chunking'].items())}).", ""]
     asked = ", ".join(f"{n:,}" for n in res["sizes_asked"])
     lines += [f"Sizes asked: {asked}" + (f"; budget {res['budget_min']:g} min" if res.get("budget_min") else "")
@@ -442,6 +442,12 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def shown(path: Path) -> str:
+    """A path as the results show it: relative to the repository when it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def git(*a: str) -> str:
     return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -460,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="a paragraph for the markdown (e.g. why a size was left out)")
     ap.add_argument("--observation", action="append", default=[], help="a line for the markdown's end (repeatable)")
     ap.add_argument("--name", default="scale_cpu", help="results name under bench/results/")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run (e.g. runner.sources_per_block=16)")
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     if args.render:
@@ -519,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0.0 if not args.writers_size or "one" in writers else (estimate(args.writers_size) or 0.0)
 
     if first not in runs:
-        runs[first] = run_build(f"n{first}", manifest(first), work, [], args.timeout)
+        runs[first] = run_build(f"n{first}", manifest(first), work, args.set, args.timeout)
     todo = [n for n in sizes if n not in runs]
     while todo:  # the largest size that still fits the budget (the writers run's time kept aside), then the next largest, ...
         fits = [n for n in todo if (estimate(n) or 0) + writers_reserve() <= left()]
@@ -531,14 +538,14 @@ def main(argv: list[str] | None = None) -> int:
             break
         n = max(fits)
         todo = [m for m in todo if m < n]
-        runs[n] = run_build(f"n{n}", manifest(n), work, [], args.timeout)
+        runs[n] = run_build(f"n{n}", manifest(n), work, args.set, args.timeout)
         skipped = {m: why for m, why in skipped.items() if m > n}  # smaller sizes: decided again
     for n in todo:
         skipped.setdefault(n, f"estimated {estimate(n):.0f} s, {max(left(), 0):.0f} s of the budget left")
     if args.writers_size and "one" not in writers:
         n = args.writers_size
-        writers["many"] = runs[n] if n in runs else run_build(f"n{n}", manifest(n), work, [], args.timeout)
-        writers["one"] = run_build(f"n{n}_writers1", manifest(n), work, ["writer.workers=1"], args.timeout)
+        writers["many"] = runs[n] if n in runs else run_build(f"n{n}", manifest(n), work, args.set, args.timeout)
+        writers["one"] = run_build(f"n{n}_writers1", manifest(n), work, [*args.set, "writer.workers=1"], args.timeout)
     runs = dict(sorted(runs.items()))
     from pipeline.config import Config
 
@@ -548,8 +555,9 @@ def main(argv: list[str] | None = None) -> int:
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": {**machine(), "cluster": f"{NODES} local nodes x {CPUS_PER_NODE} CPU + head with 0 CPUs"},
            "git": {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", "--untracked-files=no").splitlines()},
-           "settings": SETTINGS, "chunking": {"first_chunk_sources": defaults.first_chunk_sources, "chunk_sources": defaults.chunk_sources,
-                                              "sources_per_block": defaults.sources_per_block},
+           "settings": [*SETTINGS, *args.set], "chunking": next((r["chunking"] for r in runs.values() if "chunking" in r), {
+               "first_chunk_sources": defaults.first_chunk_sources, "chunk_sources": defaults.chunk_sources,
+               "sources_per_block": defaults.sources_per_block}),
            "inputs": {**inputs, "manifests": {str(k): v for k, v in manifests.items()}}, "verify": verify,
            "runs": {str(n): v for n, v in runs.items()}, "sizes_asked": sizes, "budget_min": args.budget_min,
            "skipped_sizes": {str(n): why for n, why in sorted(skipped.items())}, "writers_size": w_size, "writers": writers,

@@ -123,7 +123,7 @@ def _build(input_location: str, output_dir: str, config: Config, skipped: dict, 
         from pipeline.runner import run_loop, run_ray
 
         runner = run_ray if config.runner.engine == "ray" else run_loop
-        bar = RunBar(plan.todo, enabled=not quiet and config.runner.progress_bars)
+        bar = RunBar(plan.todo, enabled=not quiet and config.runner.progress_bars, silent=quiet)
         try:
             run = runner(config, context, storage, progress, bar, verbose=verbose and not quiet)
         finally:

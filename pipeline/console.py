@@ -18,10 +18,11 @@ def quiet_ray() -> None:
 
 class RunBar:
     """Inputs accounted for (curated to their last clip, rejected or a duplicate) out of those to do,
-    with clips written and clips/s; an ETA from the inputs' rate. Off when `enabled` is false."""
+    with clips written and clips/s; an ETA from the inputs' rate. Off when `enabled` is false; then,
+    unless `silent`, the run logs a line per chunk instead (a cluster job's log has no bar)."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.clips, self.t0, self._bar = 0, time.perf_counter(), None
+    def __init__(self, total: int, enabled: bool, silent: bool = False):
+        self.clips, self.t0, self._bar, self.silent = 0, time.perf_counter(), None, silent
         if enabled and total:
             from tqdm import tqdm
 
@@ -35,6 +36,10 @@ class RunBar:
             rate = self.clips / max(time.perf_counter() - self.t0, 1e-9)
             self._bar.set_postfix_str(f"{self.clips} clips, {rate:.2f} clips/s", refresh=False)
             self._bar.update(inputs)
+
+    @property
+    def lines_instead(self) -> bool:
+        return self._bar is None and not self.silent
 
     def write(self, line: str) -> None:
         """A line above the bar (or plain, without one)."""

@@ -101,7 +101,7 @@ class ChunkedRun:
             self.bar.advance(inputs=len(rejects) + decided)
             written = stream(winners) if winners.num_rows else 0
             self.counts["written"] += written
-            if self.verbose:
+            if self.verbose or self.bar.lines_instead:
                 rate = self.counts["written"] / max(time.perf_counter() - t_start, 1e-9)
                 self.bar.write(f"[build] chunk {n}: {chunk.num_rows} inputs, {winners.num_rows} to curate, {decided} duplicates, "
                       f"{len(rejects)} rejected at probe; {written} clips written in {time.perf_counter() - t0:.1f} s "
