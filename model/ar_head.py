@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from model.fsq import PlanQuantizer
-from model.rite import RITE
+from model.rite import RITE, CodeProjection
 
 
 def build_backbone(cfg, vocab_size: int, load_pretrained: bool = True) -> nn.Module:
@@ -52,8 +52,9 @@ class ARHead(nn.Module):
             self.rhythm_in = nn.Linear(cfg.patch * cfg.rhythm_channels, h)
         if cfg.use_video:
             self.video_in = nn.Sequential(nn.LayerNorm(cfg.clip_dim), nn.Linear(cfg.clip_dim, h), nn.SiLU(), nn.Linear(h, h))
-        self.fsq = PlanQuantizer(h, cfg.fsq_levels)
-        self.rite = RITE(h, self.fsq.dim, cfg.dit_hidden, cfg.rite_layers, cfg.rite_heads)
+        self.fsq = PlanQuantizer(h, cfg.fsq_levels, quantize=cfg.use_fsq)
+        self.rite = (RITE(h, self.fsq.dim, cfg.dit_hidden, cfg.rite_layers, cfg.rite_heads) if cfg.use_rite
+                     else CodeProjection(self.fsq.dim, cfg.dit_hidden))
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ class ARHead(nn.Module):
         return out.last_hidden_state, out.past_key_values
 
     def plan(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """LM states of patches 0..n-1 [B, n, H] -> (plan tokens [B, n, dit_hidden], FSQ indices [B, n])."""
+        """LM states of patches 0..n-1 [B, n, H] -> (plan tokens [B, n, dit_hidden], FSQ indices [B, n] or None)."""
         codes, idx = self.fsq(h)
         return self.rite(codes, h), idx
 

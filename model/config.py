@@ -4,6 +4,7 @@ The data geometry fields (latent channels, CLIP width, rhythm channels) are over
 shards at the start of training, so a preset only fixes the network's sizes."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -19,6 +20,10 @@ class VideoRobinConfig:
     use_video: bool = False  # stage v2m: CLIP frame tokens through the video projection
     use_rhythm: bool = False  # visual rhythm channels (cut, motion) of rhythm.npy as extra conditioning
     rhythm_channels: int = 2
+    # Video tokens: "patch" = the CLIP frame nearest each latent patch's centre (N = patches);
+    # "frames" = every CLIP frame at video_fps (the pipeline's 4 fps: 40 tokens for 10 s), an ablation.
+    video_tokens: str = "patch"
+    video_fps: float = 4.0
 
     # Text: "bytes" = UTF-8 byte tokenizer (needs no files); otherwise an AutoTokenizer path or id.
     tokenizer: str = "bytes"
@@ -37,6 +42,10 @@ class VideoRobinConfig:
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
     rite_layers: int = 2
     rite_heads: int = 8
+    # Ablations: use_fsq=False keeps the plan continuous (the same projection, no quantiser);
+    # use_rite=False makes the plan a per-patch projection of the codes (no residual, no encoder).
+    use_fsq: bool = True
+    use_rite: bool = True
 
     # Loc-DiT refinement head.
     dit_hidden: int = 512
@@ -58,8 +67,19 @@ class VideoRobinConfig:
     def patches(self) -> int:
         return self.max_frames // self.patch
 
+    @property
+    def video_len(self) -> int:
+        """Video tokens per sample (cfg.use_video)."""
+        if self.video_tokens == "patch":
+            return self.patches
+        return math.ceil(self.max_frames / self.latent_rate * self.video_fps - 1e-9)
+
     def __post_init__(self) -> None:
         self.fsq_levels = tuple(self.fsq_levels)
+        if self.video_tokens not in ("patch", "frames"):
+            raise ValueError(f"video_tokens={self.video_tokens!r}: choose 'patch' or 'frames'")
+        if self.video_fps <= 0:
+            raise ValueError(f"video_fps must be positive, got {self.video_fps}")
         if self.max_frames % self.patch:
             raise ValueError(f"max_frames={self.max_frames} is not a whole number of patches of {self.patch}")
         # RITE runs at the DiT's width: it turns the LM's plan into the DiT's condition.

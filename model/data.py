@@ -12,8 +12,8 @@ Batch (tensors on the CPU):
   latent      float32 [B, C, T]  T = cfg.max_frames; zero-padded after the real frames, or cropped
   latent_mask bool    [B, T]     True on real frames
   text_ids    long    [B, L], text_mask bool [B, L]  (model.text.encode_batch)
-  video       float32 [B, N, D], video_mask bool [B, N]  (cfg.use_video) N = cfg.patches: per patch
-              the CLIP frame nearest the patch's centre time
+  video       float32 [B, N, D], video_mask bool [B, N]  (cfg.use_video) N = cfg.video_len: the CLIP frame
+              at each patch's centre time (video_tokens=patch) or every frame at video_fps ("frames")
   rhythm      float32 [B, 2, T]  (cfg.use_rhythm) the cut and motion rows of rhythm.npy
   keys list[str], texts list[str] (the prompts used), skipped int (samples dropped since the last batch)
 """
@@ -163,11 +163,18 @@ def fit_frames(array: np.ndarray, length: int) -> tuple[np.ndarray, int]:
     return out, real
 
 
-def patch_clip_frames(patches: int, patch: int, latent_rate: float, clip_fps: float, clip_frames: int) -> np.ndarray:
-    """For each patch i the CLIP frame nearest its centre time t = (i + 0.5) * patch / latent_rate:
-    round(t * clip_fps - 0.5), clipped to the frames there are (frame k covers [k, k+1) / fps)."""
-    t = (np.arange(patches) + 0.5) * patch / latent_rate
-    return np.clip(np.rint(t * clip_fps - 0.5), 0, clip_frames - 1).astype(np.int64)
+def video_token_times(cfg: Any) -> np.ndarray:
+    """Seconds into the clip of each video token: the centre of each latent patch ("patch"), or
+    the centre of each video_fps frame ("frames")."""
+    if cfg.video_tokens == "patch":
+        return (np.arange(cfg.patches) + 0.5) * cfg.patch / cfg.latent_rate
+    return (np.arange(cfg.video_len) + 0.5) / cfg.video_fps
+
+
+def clip_frames_at(times: np.ndarray, clip_fps: float, clip_frames: int) -> np.ndarray:
+    """The CLIP frame covering each time: round(t * clip_fps - 0.5), clipped to the frames there are
+    (frame k covers [k, k+1) / fps)."""
+    return np.clip(np.rint(times * clip_fps - 0.5), 0, clip_frames - 1).astype(np.int64)
 
 
 def sample_row(sample: dict[str, Any], cfg: Any, rng: random.Random, p_drop_text: float) -> dict[str, Any] | None:
@@ -193,10 +200,12 @@ def sample_row(sample: dict[str, Any], cfg: Any, rng: random.Random, p_drop_text
     if cfg.use_video:
         clip = load_npy(sample["clip.npy"])
         fps = float((meta.get("clip_embed") or {}).get("fps") or 1.0)
-        idx = patch_clip_frames(cfg.patches, cfg.patch, cfg.latent_rate, fps, len(clip))
-        row["video"] = clip[idx].astype(np.float32)
-        # A patch is real when it holds a real latent frame.
-        row["video_mask"] = np.arange(cfg.patches) * cfg.patch < real
+        times = video_token_times(cfg)
+        row["video"] = clip[clip_frames_at(times, fps, len(clip))].astype(np.float32)
+        if cfg.video_tokens == "patch":  # a patch is real when it holds a real latent frame
+            row["video_mask"] = np.arange(cfg.patches) * cfg.patch < real
+        else:  # a frame is real when it lies in the real latent frames and the clip has it
+            row["video_mask"] = (times < real / cfg.latent_rate) & (np.arange(len(times)) < len(clip) * cfg.video_fps / fps)
     if cfg.use_rhythm:
         rows = list(RHYTHM_ROWS[: cfg.rhythm_channels])
         if "rhythm.npy" in sample:

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from model.media import mux, patch_frame_times, read_conditions, write_wav
+    from model.media import mux, read_conditions, token_frame_times, write_wav
     from model.text import encode_batch, load_tokenizer
     from model.vae import AudioVAE, resolve_files
     from pipeline.weights import WeightsMissing
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
 
     video = rhythm = None
     if args.video and (cfg.use_video or cfg.use_rhythm):
-        times = patch_frame_times(patches, cfg.patch, cfg.latent_rate, config.frame_fps) if cfg.use_video else None
+        times = token_frame_times(cfg, patches * cfg.patch / cfg.latent_rate, config.frame_fps) if cfg.use_video else None
         cond = read_conditions(args.video, config, patches * cfg.patch / cfg.latent_rate, times, cfg.use_rhythm, cfg.latent_rate)
         if cfg.use_video:
             clip_stage.setup()

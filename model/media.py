@@ -1,5 +1,5 @@
-"""Video in, audio out for generation: the conditions Video-Robin reads from a video (CLIP frames
-nearest each patch's centre, the cut and motion rhythm channels), decoded with the pipeline's own
+"""Video in, audio out for generation: the conditions Video-Robin reads from a video (the CLIP frames
+its video tokens take, the cut and motion rhythm channels), decoded with the pipeline's own
 code (stages/decode.py, stages/segment.py), and writing the result (a wav, and the input video
 with the new soundtrack muxed in by PyAV, video packets copied, audio AAC)."""
 from __future__ import annotations
@@ -10,11 +10,18 @@ from pathlib import Path
 import numpy as np
 
 
-def patch_frame_times(patches: int, patch: int, latent_rate: float, fps: float) -> np.ndarray:
-    """For each patch, the time of the CLIP frame (on the `fps` grid, as the pipeline samples them)
-    nearest the patch's centre."""
-    centres = (np.arange(patches) * patch + patch / 2) / latent_rate
-    return np.round(centres * fps) / fps
+def token_frame_times(cfg, seconds: float, fps: float) -> np.ndarray:
+    """For each video token of `seconds` of music, the time of the CLIP frame (on the pipeline's
+    `fps` grid) that training gives that token (model.data.clip_frames_at): the same frame, not
+    merely a near one."""
+    from model.data import clip_frames_at, video_token_times
+
+    times = video_token_times(cfg)
+    if cfg.video_tokens == "patch":
+        times = times[: math.ceil(seconds * cfg.latent_rate / cfg.patch - 1e-9)]
+    else:
+        times = times[: math.ceil(seconds * cfg.video_fps - 1e-9)]
+    return clip_frames_at(times, fps, np.iinfo(np.int64).max) / fps
 
 
 def read_conditions(path: str, config, seconds: float, grid_times: np.ndarray | None, rhythm: bool,

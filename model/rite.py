@@ -33,3 +33,16 @@ class RITE(nn.Module):
         x = self.code_in(codes) + self.resid_in(residual) + self.pos(torch.arange(n, device=codes.device))
         x = self.encoder(x, mask=causal_mask(n, codes.device), is_causal=True)
         return self.norm(x)
+
+
+class CodeProjection(nn.Module):
+    """The `use_rite=false` ablation: each patch's plan is its codes projected to the DiT's width,
+    without the residual and without integration across patches."""
+
+    def __init__(self, code_dim: int, width: int):
+        super().__init__()
+        self.code_in = nn.Linear(code_dim, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, codes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.code_in(codes))

@@ -108,9 +108,11 @@ class VideoRobin(nn.Module):
         eps = torch.randn_like(x0_s)
         pred = self.dit(t, plan[sel], prev[sel], flow.interpolate(x0_s, eps, t), prev_mask[sel], nm)
         loss = flow.masked_mse(pred.float(), flow.target(x0_s, eps), nm)
-        with torch.no_grad():
-            used = idx[sel].unique().numel() / self.head.fsq.codebook_size
-        return loss, {"loss": float(loss.detach()), "code_usage": float(used), "frames": float(fm.sum())}
+        metrics = {"loss": float(loss.detach()), "frames": float(fm.sum())}
+        if idx is not None:  # share of the FSQ codebook this batch used (none without the quantiser)
+            with torch.no_grad():
+                metrics["code_usage"] = float(idx[sel].unique().numel() / self.head.fsq.codebook_size)
+        return loss, metrics
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -217,7 +219,7 @@ class VideoRobin(nn.Module):
         forward and backward). text_tokens defaults to cfg.text_max_tokens (an upper bound)."""
         cfg = self.cfg
         n = cfg.patches
-        lm_tokens = (cfg.text_max_tokens if text_tokens is None else text_tokens) + n + (n if cfg.use_video else 0)
+        lm_tokens = (cfg.text_max_tokens if text_tokens is None else text_tokens) + n + (cfg.video_len if cfg.use_video else 0)
         emb = self.head.backbone.get_input_embeddings().weight.numel()
         lm_params = sum(q.numel() for q in self.head.backbone.parameters()) - emb
         lm_w = self.head.hidden
@@ -229,6 +231,6 @@ class VideoRobin(nn.Module):
         dit_tokens = 2 + 2 * cfg.patch
         flops = 6 * (lm_params * lm_tokens + in_params * n + rite_params * n + dit_params * n * dit_tokens)
         flops += 12 * lm_layers * lm_w * lm_tokens ** 2
-        flops += 12 * cfg.rite_layers * cfg.dit_hidden * n ** 2
+        flops += (12 * cfg.rite_layers * cfg.dit_hidden * n ** 2) if cfg.use_rite else 0
         flops += 12 * cfg.dit_layers * cfg.dit_hidden * dit_tokens ** 2 * n
         return float(flops)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model.config import preset
-from model.data import (epoch_batches, latent_stats, load_npy, make_pipeline, patch_clip_frames, read_geometry,
-                        resolve_shards, iter_raw_samples)
+from model.data import (clip_frames_at, epoch_batches, iter_raw_samples, latent_stats, load_npy, make_pipeline, read_geometry,
+                        resolve_shards, video_token_times)
 
 
 @pytest.fixture(scope="module")
@@ -111,20 +111,35 @@ def test_prompt_is_one_of_the_samples_and_dropout(shards, raw):
 def test_clip_frames_align_with_patch_centres(shards, raw):
     # 16-frame patches at 25 Hz (0.64 s) over CLIP frames at 4 fps: patch i's centre (i + 0.5) * 0.64 s
     # lies in CLIP frame floor(centre * 4); the last patches (past the 40 frames) take the last frame.
-    idx = patch_clip_frames(patches=16, patch=16, latent_rate=25.0, clip_fps=4.0, clip_frames=40)
+    cfg = config(use_video=True)
     centres = (np.arange(16) + 0.5) * 0.64
+    assert np.allclose(video_token_times(cfg), centres)
+    idx = clip_frames_at(centres, clip_fps=4.0, clip_frames=40)
     assert idx[:3].tolist() == [1, 3, 6]  # 0.32 s, 0.96 s, 1.60 s
     assert (idx == np.minimum(np.floor(centres * 4), 39)).all()
-    assert patch_clip_frames(16, 16, 25.0, 1.0, 8)[-1] == 7  # clipped to the frames there are
-    cfg = config(use_video=True)
+    assert clip_frames_at(centres, 1.0, 8)[-1] == 7  # clipped to the frames there are
     for b in take(shards, cfg, n=2):
         assert b["video"].dtype == torch.float32 and b["video"].shape == (2, cfg.patches, 32)
         assert b["video_mask"].shape == (2, cfg.patches) and b["video_mask"].all()  # 250 frames reach patch 15
         for i, key in enumerate(b["keys"]):
             clip = raw[key]["clip"].astype(np.float32)
             fps = raw[key]["meta"]["clip_embed"]["fps"]
-            want = patch_clip_frames(cfg.patches, cfg.patch, 25.0, fps, len(clip))
+            want = clip_frames_at(centres, fps, len(clip))
             assert torch.equal(b["video"][i], torch.from_numpy(clip[want]))
+
+
+def test_every_clip_frame_as_a_video_token(shards, raw):
+    # video_tokens=frames: one token per 4 fps CLIP frame. 256 latent frames = 10.24 s -> 41 tokens;
+    # the clips hold 250 latent frames (10 s) and 40 CLIP frames, so tokens 0..39 are real, token 40 padding.
+    cfg = config(use_video=True, video_tokens="frames")
+    assert cfg.video_len == 41
+    for b in take(shards, cfg, n=2):
+        assert b["video"].shape == (2, 41, 32) and b["video_mask"].shape == (2, 41)
+        assert b["video_mask"][:, :40].all() and not b["video_mask"][:, 40].any()
+        for i, key in enumerate(b["keys"]):
+            clip = raw[key]["clip"].astype(np.float32)
+            assert raw[key]["meta"]["clip_embed"]["fps"] == 4.0 and len(clip) == 40
+            assert torch.equal(b["video"][i, :40], torch.from_numpy(clip))  # frame k is token k
 
 
 def test_rhythm_channels_behind_the_flag(shards, raw):
@@ -222,3 +237,17 @@ def test_tar_index_matches_tarfile_and_falls_back(shards, tmp_path):
         assert ustar_members(f) is None
     samples = list(_TarSamples({"json", "latent.npy"})(iter([{"url": str(path)}])))
     assert samples == [{"__key__": long_key, "__url__": str(path), "json": b"{}", "latent.npy": b"abc"}]
+
+
+@pytest.mark.parametrize("tokens", ["patch", "frames"])
+def test_generation_reads_the_frames_training_reads(tokens):
+    # model/media.py asks the decoder for frames at these times; frame k of the pipeline's 4 fps
+    # grid lies at k / 4 s, so the frame generation gets must be the one the loader gives the token.
+    from model.media import token_frame_times
+
+    cfg = config(use_video=True, video_tokens=tokens)
+    times = token_frame_times(cfg, 10.24, 4.0)
+    assert len(times) == cfg.video_len
+    want = clip_frames_at(video_token_times(cfg), 4.0, 10**9)
+    assert np.array_equal(np.rint(times * 4.0).astype(int), want)
+    assert len(token_frame_times(cfg, 2.0, 4.0)) == (4 if tokens == "patch" else 8)  # 2 s: 4 patches of 0.64 s, 8 frames

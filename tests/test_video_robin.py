@@ -33,8 +33,8 @@ def make_batch(cfg, seed=0, real=(64, 41)):
     ids, tmask = encode_batch(TOK, ["calm piano at night", ""][:b], cfg.text_max_tokens)
     batch = {"latent": latent, "latent_mask": mask, "text_ids": ids, "text_mask": tmask, "keys": [f"k{i}" for i in range(b)]}
     if cfg.use_video:
-        batch["video"] = torch.nn.functional.normalize(torch.randn(b, cfg.patches, cfg.clip_dim, generator=g), dim=-1)
-        batch["video_mask"] = torch.ones(b, cfg.patches, dtype=torch.bool)
+        batch["video"] = torch.nn.functional.normalize(torch.randn(b, cfg.video_len, cfg.clip_dim, generator=g), dim=-1)
+        batch["video_mask"] = torch.ones(b, cfg.video_len, dtype=torch.bool)
     if cfg.use_rhythm:
         batch["rhythm"] = torch.rand(b, cfg.rhythm_channels, t, generator=g)
     return batch
@@ -199,3 +199,69 @@ def test_every_parameter_gets_a_gradient(video):
     loss, _ = model.loss(make_batch(cfg))
     loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+ABLATIONS = {"no_fsq": dict(use_fsq=False), "no_rite": dict(use_rite=False),
+             "every_frame": dict(use_video=True, video_tokens="frames")}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_ablations_train_and_generate(name):
+    """Each switch the paper's ablations use: a finite loss whose gradient reaches every parameter
+    (the plan path included), and generation whose KV cache matches the recompute."""
+    torch.manual_seed(0)
+    cfg = make_cfg(**ABLATIONS[name], p_drop_video=0.0)
+    model = VideoRobin(cfg, TOK.vocab_size).train()
+    for p in model.dit.out.parameters():  # off the zero init, so gradients reach the plan
+        torch.nn.init.normal_(p, std=0.05)
+    batch = make_batch(cfg)
+    loss, metrics = model.loss(batch)
+    assert torch.isfinite(loss)
+    assert ("code_usage" in metrics) == cfg.use_fsq  # no codebook without the quantiser
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    for part in ("fsq", "rite", *(["video"] if cfg.use_video else [])):
+        assert sum(float(p.grad.abs().sum()) for p in model.parts()[part]) > 0, part
+    model.eval()
+    kw = dict(video=batch.get("video"), video_mask=batch.get("video_mask"), frames=37, steps=2, cfg_scale=2.0)
+    fast = model.generate(batch["text_ids"], batch["text_mask"], generator=torch.Generator().manual_seed(5), **kw)
+    slow = model.generate(batch["text_ids"], batch["text_mask"], generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
+    assert fast.shape == (2, C, 37) and torch.allclose(fast, slow, atol=1e-4)
+
+
+def test_no_fsq_keeps_the_plan_continuous_and_no_rite_keeps_patches_apart():
+    torch.manual_seed(0)
+    h = torch.randn(1, 4, 64)
+    nudged = h.clone()
+    nudged[0, 2] += 1e-3 * torch.randn(64)
+    quantised, continuous = VideoRobin(make_cfg(), TOK.vocab_size).head, VideoRobin(make_cfg(use_fsq=False), TOK.vocab_size).head
+    codes, idx = continuous.fsq(h)
+    assert idx is None and torch.equal(codes, continuous.fsq.proj_in(h))  # the projection itself, unrounded
+    assert not torch.equal(continuous.fsq(nudged)[0][0, 2], codes[0, 2])  # a tiny change moves the plan
+    q_codes, q_idx = quantised.fsq(h)
+    assert q_idx.shape == (1, 4) and torch.equal(quantised.fsq(nudged)[0], q_codes)  # ... but not the codes
+    # RITE integrates causally over patches: patch 1 changes what patches 1.. get; without it, only patch 1.
+    with torch.no_grad():
+        h2 = h.clone()
+        h2[0, 1] += 3.0
+        rite, plain = quantised, VideoRobin(make_cfg(use_rite=False), TOK.vocab_size).head
+        moved = lambda head: (head.plan(h)[0] - head.plan(h2)[0]).abs().amax(-1)[0] > 1e-6  # noqa: E731
+        assert moved(rite).tolist() == [False, True, True, True]
+        assert moved(plain).tolist() == [False, True, False, False]
+        assert not any(n.startswith("encoder") for n, _ in plain.rite.named_parameters())
+
+
+def test_every_frame_tokens_honour_their_mask():
+    torch.manual_seed(0)
+    cfg = make_cfg(use_video=True, video_tokens="frames", p_drop_video=0.0, max_frames=64)
+    assert cfg.video_len == 11  # 64 frames at 25 Hz = 2.56 s of 4 fps frames
+    model = VideoRobin(cfg, TOK.vocab_size).eval()
+    for p in model.dit.out.parameters():  # off the zero init, so the plan shows in the loss
+        torch.nn.init.normal_(p, std=0.05)
+    batch = make_batch(cfg)
+    batch["video_mask"][:, 8:] = False
+    other = dict(batch, video=batch["video"].clone())
+    other["video"][:, 8:] = 5.0  # masked tokens: anything
+    assert fixed_loss(model, batch) == fixed_loss(model, other)
+    other["video"][:, 3] = 5.0  # a real token does count
+    assert fixed_loss(model, batch) != fixed_loss(model, other)
