@@ -161,6 +161,9 @@ class WriterConfig(Strict):
     max_shard_bytes: int = 1_000_000_000
     write_audio: bool = True  # original audio as 48 kHz stereo FLAC
     write_thumbnail: bool = True
+    # Share of sources held out as the `test` split (by a hash of source_id: shards/split.py); keep it
+    # fixed across runs of one dataset, or sources move between splits.
+    test_fraction: float = Field(0.05, ge=0.0, le=1.0)
     # Shards are written by Ray tasks, as many at once as the cluster allows (null) or at most this
     # many. Each reserves num_cpus: FLAC and JPEG encoding and the upload are CPU work.
     workers: int | None = None
@@ -174,8 +177,9 @@ class RunnerConfig(Strict):
     video_workers: int | None = None  # concurrent decode+segment tasks; None lets Ray decide
     # Inputs go through in chunks: probe a chunk (results to OUT/probe/), dedupe it against what came
     # before, stream its sources. Chunks start small so that the first shard lands early, then double
-    # up to this size; driver memory is bounded by one chunk, whatever the input count.
-    chunk_sources: int = 8192
+    # up to this size; driver memory is bounded by one chunk, whatever the input count (bench/scale.py:
+    # it follows the chunk size, so one machine keeps chunks small; the cluster preset has more CPUs to feed).
+    chunk_sources: int = 2048
     first_chunk_sources: int = 256
     sources_per_block: int = 4  # sources per Ray Data block of the streaming phase
     fuse_cpu_stages: bool = True  # consecutive stateless CPU stages share one task (false: one operator each)
